@@ -1,0 +1,103 @@
+"""Loading of cube_kernels._C: the fallback when it is not built, the errors when it is broken or
+built for another torch, and what the built library reports."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+from cube_kernels import _extension
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    """_extension as if nothing had been loaded yet (monkeypatch restores the cache after)."""
+    monkeypatch.setattr(_extension, "_loaded", None)
+    return monkeypatch
+
+
+def _raise(exc):
+    def import_c():
+        raise exc
+    return import_c
+
+
+def test_missing_extension_warns_once_and_falls_back(fresh):
+    fresh.setattr(_extension, "_import_c",
+                  _raise(ModuleNotFoundError("No module named 'cube_kernels._C'", name="cube_kernels._C")))
+    with pytest.warns(RuntimeWarning, match="cube_kernels._C is not built; falling back to the reference"):
+        assert _extension.load() is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second warning would raise here
+        assert _extension.load() is False
+        assert _extension.has_cuda() is False
+
+
+def test_broken_extension_raises(fresh):
+    fresh.setattr(_extension, "_import_c", _raise(ImportError("_C.so: undefined symbol: _ZN3c10")))
+    with pytest.raises(ImportError, match=r"undefined symbol.*pip install --no-build-isolation"):
+        _extension.load()
+
+
+def test_extension_missing_a_dependency_raises(fresh):
+    fresh.setattr(_extension, "_import_c", _raise(ModuleNotFoundError("No module named 'x'", name="x")))
+    with pytest.raises(ImportError, match="failed to load"):
+        _extension.load()
+
+
+def test_extension_built_for_another_torch_raises(fresh):
+    fresh.setattr(_extension, "_import_c", lambda: None)
+    fresh.setattr(_extension, "build_info", lambda: {"torch": "1.13.1", "cuda": "0"})
+    with pytest.raises(ImportError, match=r"built for torch 1\.13\.1, but torch \d+\.\d+\.\d+ is running"):
+        _extension.load()
+
+
+def test_wrappers_import_and_raise_without_extension():
+    # A fresh interpreter in which `import cube_kernels._C` fails as if it had never been built.
+    script = textwrap.dedent("""
+        import sys, warnings
+
+        class NotBuilt:
+            def find_spec(self, name, path=None, target=None):
+                if name == "cube_kernels._C":
+                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+        sys.meta_path.insert(0, NotBuilt())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            from cube_kernels import _extension, gather_gate, update
+            assert not _extension.load() and not _extension.has_cuda()
+        assert sum("is not built" in str(w.message) for w in caught) == 1, caught
+        for call in (lambda: gather_gate.gather_gate(None, None, None, None, "moore", "zero"),
+                     lambda: update.update(None, None, None, None, 0, 0, 1.0)):
+            try:
+                call()
+            except RuntimeError as e:
+                assert "cube_kernels._C is not built" in str(e), e
+            else:
+                raise AssertionError("no RuntimeError")
+        print("ok")
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_built_library_reports_running_torch():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if not _extension.load():
+            pytest.skip("cube_kernels._C is not built")
+    info = _extension.build_info()
+    assert info["torch"] == _extension.running_torch_version()
+    assert torch.__version__.startswith(info["torch"])
+    # A CUDA build registers the CUDA kernels, a CPU-only one does not.
+    assert _extension.has_cuda() == (info["cuda"] == "1")
