@@ -153,3 +153,24 @@ def test_backend_choice_and_environment_override(monkeypatch):
     monkeypatch.setenv("CUBE_BACKEND", "gpu")
     with pytest.raises(ValueError, match="CUBE_BACKEND='gpu'"):
         lattice(torch.randn(1, 2, 2, 2, 4), steps=1)
+
+
+def test_triton_backend_rollout_matches_reference():
+    from cube_kernels import triton as triton_ops
+    if not triton_ops.available():
+        pytest.skip("triton is not installed")
+    torch.manual_seed(0)
+    fused = CubeLattice(2, 3, 4, channels=5, hidden=6, neighbourhood="moore", boundary="periodic",
+                        fire_rate=0.5, backend="triton")
+    ref = CubeLattice(2, 3, 4, channels=5, hidden=6, neighbourhood="moore", boundary="periodic",
+                      fire_rate=0.5, backend="reference")
+    ref.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 2, 3, 4, 5)
+    results = []
+    for lattice in (fused, ref):
+        y = lattice(x, steps=2, seed=7)
+        y.square().sum().backward()
+        results.append((y.detach(), [p.grad for p in lattice.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    for g, r in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,114 @@
+"""Pieces shared by the Triton ops: the interpreter switch, input checks, the accumulator
+dtype and the deterministic second stage of the weight-gradient reductions."""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+# Read once, like ``triton.jit`` does when it decorates the kernels of this package: with
+# TRITON_INTERPRET=1 every kernel runs in the CPU interpreter on CPU tensors.
+INTERPRET = bool(triton.knobs.runtime.interpret)
+
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+# Weight gradients are reduced in two fixed stages: each program of the first kernel owns a
+# contiguous chunk of rows (B*N cells) and writes one partial, then `sum_partials` adds the
+# partials in a fixed order. The chunk depends only on the number of rows, never on the
+# autotuned block sizes, so the partial buffer has a fixed shape. On a GPU CHUNK_ALIGN is a
+# multiple of every row block of those kernels' configs, so only the block that reaches row R
+# is ragged; in the interpreter it is not, on purpose, so that the tests exercise chunks that
+# end inside a block.
+MAX_PARTIALS = 8 if INTERPRET else 512
+CHUNK_ALIGN = 32 if INTERPRET else 64
+
+
+def rows_per_partial(rows: int) -> int:
+    chunk = max(triton.cdiv(rows, MAX_PARTIALS), CHUNK_ALIGN)
+    return triton.cdiv(chunk, CHUNK_ALIGN) * CHUNK_ALIGN
+
+
+def acc_dtype(dtype: torch.dtype):
+    """fp32 accumulation, except fp64 stays fp64 (gradcheck)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def acc_torch_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def upcast_dot(dtype: torch.dtype) -> bool:
+    """The 3.x interpreter hands bf16 to ``np.matmul`` as raw uint16 bits, so in the interpreter
+    bf16 tiles are widened to fp32 before ``tl.dot``. That is exact: a product of two bf16
+    values is representable in fp32, as on the tensor cores, which accumulate in fp32 too."""
+    return INTERPRET and dtype == torch.bfloat16
+
+
+def check_tensor(name: str, t, ndim: int, dtype: torch.dtype | None = None,
+                 device: torch.device | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtype is None:
+        if t.dtype not in DTYPES:
+            raise TypeError(f"{name} must be one of {DTYPES}, got {t.dtype}")
+    elif t.dtype != dtype:
+        raise TypeError(f"{name} must have the dtype of the other inputs ({dtype}), got {t.dtype}")
+    if device is None:
+        if not INTERPRET and t.device.type != "cuda":
+            raise ValueError(f"{name} must be a CUDA tensor (or run with TRITON_INTERPRET=1), "
+                             f"got device {t.device}")
+    elif t.device != device:
+        raise ValueError(f"{name} must be on {device} like the other inputs, got {t.device}")
+
+
+def check_cells(name: str, t: torch.Tensor) -> None:
+    """Row indices are int32 inside the kernels (pointer offsets are int64)."""
+    if math.prod(t.shape[:-1]) >= 2**31:
+        raise ValueError(f"{name} has {math.prod(t.shape[:-1])} cells (B*D*H*W); "
+                         "at most 2**31 - 1 are supported")
+
+
+def check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...], what: str) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)} ({what}), got {tuple(t.shape)}")
+
+
+def check_step_args(seed, step, fire_rate, rows: int) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    if (step + 1) * rows >= 2**63:
+        raise ValueError(f"step * B * D * H * W must fit in int64, got step={step} with {rows} cells")
+    if not isinstance(fire_rate, (int, float)) or math.isnan(fire_rate) or fire_rate < 0:
+        raise ValueError(f"fire_rate must be a number >= 0, got {fire_rate!r}")
+
+
+@triton.jit
+def _sum_partials_kernel(part_ptr, out_ptr, P, M, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr):
+    """out[m] = sum_p part[p, m], always in the same order (no atomics)."""
+    cols = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cmask = cols < M
+    acc = tl.zeros([BLOCK_M], dtype=part_ptr.dtype.element_ty)
+    for p0 in range(0, P, BLOCK_P):
+        ps = p0 + tl.arange(0, BLOCK_P)
+        tile = tl.load(part_ptr + ps[:, None].to(tl.int64) * M + cols[None, :],
+                       mask=(ps < P)[:, None] & cmask[None, :], other=0.0)
+        acc += tl.sum(tile, axis=0)
+    tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
+
+
+def sum_partials(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Sum a ``[P, *shape]`` buffer of partials over P into a new ``shape`` tensor of ``dtype``."""
+    P = part.shape[0]
+    out = torch.empty(part.shape[1:], dtype=dtype, device=part.device)
+    M = out.numel()
+    if M == 0:
+        return out
+    BLOCK_M = 128
+    _sum_partials_kernel[(triton.cdiv(M, BLOCK_M),)](part, out, P, M, BLOCK_P=16, BLOCK_M=BLOCK_M)
+    return out
