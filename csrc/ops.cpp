@@ -46,6 +46,12 @@ TORCH_LIBRARY(cube, m) {
   m.def("update_backward(Tensor grad, Tensor h, Tensor w_out, int seed, int step, "
         "float fire_rate) -> (Tensor, Tensor, Tensor)",
         tags);
+  m.def("gate_input(Tensor proj, Tensor b_in, Tensor ln2_weight, Tensor ln2_bias) "
+        "-> (Tensor, Tensor)",
+        tags);
+  m.def("gate_input_backward(Tensor grad_u, Tensor grad_vn, Tensor proj, Tensor b_in, "
+        "Tensor ln2_weight, Tensor ln2_bias) -> (Tensor, Tensor, Tensor, Tensor)",
+        tags);
   m.def("build_info() -> str", &build_info);
 }
 

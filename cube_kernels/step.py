@@ -1,16 +1,17 @@
 """One lattice step on the fused kernels, with a hand-written backward that keeps only ``x``.
 
-Forward runs LayerNorm, the in-projection and GELU with ATen, then the fused ``gather_gate`` and
-``update`` ops. Backward recomputes ``u``, ``vn`` and ``h`` from the saved ``x`` (SPEC.md: a
-rollout's memory grows with C per step, not with the gate's width 2F) and runs the fused
-backward ops, then the LayerNorm, GELU and matmul backward.
+Forward runs LayerNorm and the in-projection GEMM with ATen, GELU and the gate's LayerNorm fused
+per row (``gate_input``), then the fused ``gather_gate`` and ``update`` ops. Backward recomputes
+``u``, ``vn`` and ``h`` from the saved ``x`` (SPEC.md: a rollout's memory grows with C per step,
+not with the gate's width 2F) and runs the fused backward ops, then the in-projection and
+LayerNorm backward.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from . import backends, reference
+from .gate_input import gate_input, gate_input_backward
 from .reference import LN_EPS
 
 PARAM_NAMES = ("ln1_weight", "ln1_bias", "w_in", "b_in", "ln2_weight", "ln2_bias",
@@ -18,15 +19,12 @@ PARAM_NAMES = ("ln1_weight", "ln1_bias", "w_in", "b_in", "ln2_weight", "ln2_bias
 
 
 def _cell_input(x2, ln1_weight, ln1_bias, w_in, b_in, ln2_weight, ln2_bias):
-    """Rows ``x2 = [cells, C]`` to ``(u, vn)`` and what their backward needs. The in-projection
-    is two GEMMs so that ``u`` and ``v`` come out contiguous for the fused kernels."""
-    C, Fh = x2.shape[1], w_in.shape[1] // 2
-    y, mean1, rstd1 = torch.native_layer_norm(x2, [C], ln1_weight, ln1_bias, LN_EPS)
-    u_pre = torch.addmm(b_in[:Fh], y, w_in[:, :Fh])
-    v_pre = torch.addmm(b_in[Fh:], y, w_in[:, Fh:])
-    v = F.gelu(v_pre)
-    vn, mean2, rstd2 = torch.native_layer_norm(v, [Fh], ln2_weight, ln2_bias, LN_EPS)
-    return F.gelu(u_pre), vn, (y, mean1, rstd1, u_pre, v_pre, v, mean2, rstd2)
+    """Rows ``x2 = [cells, C]`` to ``(u, vn)`` and what their backward needs: one GEMM, then
+    the bias, GELU and the gate's LayerNorm fused per row (``gate_input``)."""
+    y, mean1, rstd1 = torch.native_layer_norm(x2, [x2.shape[1]], ln1_weight, ln1_bias, LN_EPS)
+    proj = torch.mm(y, w_in)
+    u, vn = gate_input(proj, b_in, ln2_weight, ln2_bias)
+    return u, vn, (y, mean1, rstd1, proj)
 
 
 class _FusedStep(torch.autograd.Function):
@@ -61,19 +59,16 @@ class _FusedStep(torch.autograd.Function):
         C, Fh = x.shape[-1], w_in.shape[1] // 2
         cells = x.shape[:-1]
         x2 = x.reshape(-1, C)
-        u, vn, (y, mean1, rstd1, u_pre, v_pre, v, mean2, rstd2) = _cell_input(
-            x2, ln1_weight, ln1_bias, w_in, b_in, ln2_weight, ln2_bias)
+        u, vn, (y, mean1, rstd1, proj) = _cell_input(x2, ln1_weight, ln1_bias, w_in, b_in,
+                                                      ln2_weight, ln2_bias)
         u, vn = u.view(*cells, Fh), vn.view(*cells, Fh)
         h = k.gather_gate(u, vn, w_sp, b_sp, neighbourhood, boundary)
         dh, dw_out, db_out = k.update_backward(grad, h, w_out, seed, step, fire_rate)
         du, dvn, dw_sp, db_sp = k.gather_gate_backward(dh, u, vn, w_sp, b_sp, neighbourhood, boundary)
-        dv, dln2_weight, dln2_bias = torch.ops.aten.native_layer_norm_backward(
-            dvn.reshape(-1, Fh), v, [Fh], mean2, rstd2, ln2_weight, ln2_bias, [True, True, True])
-        du_pre = torch.ops.aten.gelu_backward(du.reshape(-1, Fh), u_pre)
-        dv_pre = torch.ops.aten.gelu_backward(dv, v_pre)
-        dy = torch.mm(du_pre, w_in[:, :Fh].t()).addmm_(dv_pre, w_in[:, Fh:].t())
-        dw_in = torch.cat([y.t().mm(du_pre), y.t().mm(dv_pre)], dim=1)
-        db_in = torch.cat([du_pre.sum(0), dv_pre.sum(0)])
+        dz_pre, dln2_weight, dln2_bias, db_in = gate_input_backward(
+            du.view(-1, Fh), dvn.view(-1, Fh), proj, b_in, ln2_weight, ln2_bias)
+        dy = dz_pre.mm(w_in.t())
+        dw_in = y.t().mm(dz_pre)
         dx, dln1_weight, dln1_bias = torch.ops.aten.native_layer_norm_backward(
             dy, x2, [C], mean1, rstd1, ln1_weight, ln1_bias, [True, True, True])
         dx = dx.view_as(grad).add_(grad)

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
@@ -135,6 +136,37 @@ inline UpdateArgs check_update(const char* op, const at::Tensor& x, const char* 
   }
   check_mask_args(op, seed, step, fire_rate);
   a.fire_rate = static_cast<float>(fire_rate);
+  return a;
+}
+
+struct GateInputArgs {
+  int64_t N, F;
+};
+
+// proj: [N, 2F]; b_in: [2F]; ln2_weight, ln2_bias: [F]; grad_u, grad_vn (backward only): [N, F].
+inline GateInputArgs check_gate_input(const char* op, const at::Tensor& proj, const at::Tensor& b_in,
+                                      const at::Tensor& ln2_weight, const at::Tensor& ln2_bias,
+                                      const at::Tensor* grad_u = nullptr,
+                                      const at::Tensor* grad_vn = nullptr) {
+  check_tensor(op, proj, "proj", 2, proj, "proj");
+  TORCH_CHECK(proj.size(1) > 0 && proj.size(1) % 2 == 0, op,
+              ": proj must be [N, 2F] (the GELU half, then the gate half) with an even, "
+              "positive last dim, got shape ", proj.sizes());
+  GateInputArgs a{proj.size(0), proj.size(1) / 2};
+  check_tensor(op, b_in, "b_in", 1, proj, "proj");
+  check_size(op, b_in, "b_in", 0, 2 * a.F, "2F (the last dim of proj)");
+  check_tensor(op, ln2_weight, "ln2_weight", 1, proj, "proj");
+  check_size(op, ln2_weight, "ln2_weight", 0, a.F, "F (half the last dim of proj)");
+  check_tensor(op, ln2_bias, "ln2_bias", 1, proj, "proj");
+  check_size(op, ln2_bias, "ln2_bias", 0, a.F, "F (half the last dim of proj)");
+  const std::pair<const at::Tensor*, const char*> grads[] = {{grad_u, "grad_u"},
+                                                             {grad_vn, "grad_vn"}};
+  for (const auto& [g, name] : grads) {
+    if (g == nullptr) continue;
+    check_tensor(op, *g, name, 2, proj, "proj");
+    TORCH_CHECK(g->size(0) == a.N && g->size(1) == a.F, op, ": ", name, " must be [N, F] = [",
+                a.N, ", ", a.F, "] (proj is [N, 2F]), got shape ", g->sizes());
+  }
   return a;
 }
 
