@@ -22,7 +22,7 @@ train: setup
 	$(BIN)/cube-train --config configs/default.yaml
 
 bench: setup
-	$(BIN)/pip install -q -e ".[bench]"
+	$(BIN)/pip install -q --no-build-isolation -e ".[bench]"
 	$(BIN)/python -m bench --quick
 
 cuda-check:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import glob
 import os
 
-from setuptools import find_namespace_packages, find_packages, setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -60,29 +60,19 @@ def _extensions():
     )]
 
 
-def _packages():
-    # cube_kernels may be a namespace package (no __init__.py) while it is being assembled.
-    packages = find_namespace_packages(include=["cube_kernels", "cube_kernels.*"],
-                                       exclude=["*.__pycache__"])
-    package_dir = {}
-    trainer = find_packages("python")  # empty until python/cube_trainer exists
-    if trainer:
-        packages += trainer
-        package_dir["cube_trainer"] = "python/cube_trainer"
-    return packages, package_dir
 
 
 def main():
     from torch.utils.cpp_extension import BuildExtension
 
-    packages, package_dir = _packages()
     setup(
         name="cube-kernels",
         version="0.1.0",
         description="Fused CPU, CUDA and Triton kernels for a 3D cellular gMLP lattice",
         python_requires=">=3.10",
-        packages=packages,
-        package_dir=package_dir,
+        # The kernel package from the root, the trainer from python/.
+        packages=find_packages(include=["cube_kernels", "cube_kernels.*"]) + find_packages("python"),
+        package_dir={"cube_trainer": "python/cube_trainer"},
         ext_modules=_extensions(),
         cmdclass={"build_ext": BuildExtension},  # uses ninja when it is installed
         install_requires=[

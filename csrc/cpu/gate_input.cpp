@@ -22,7 +22,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include "cpu/checks.h"
+#include "checks.h"
 #include "cpu/loops.h"
 
 namespace cube {

@@ -18,7 +18,7 @@
 #include <torch/library.h>
 
 #include "cell_math.h"
-#include "cpu/checks.h"
+#include "checks.h"
 #include "cpu/loops.h"
 
 namespace cube {
@@ -260,10 +260,8 @@ void backward_kernel(const GatherGateArgs& a, const at::Tensor& grad_h, const at
   });
 
   // Pass 3: the partials summed block after block, always in the same order.
-  std::vector<acc_t> total(static_cast<size_t>((K + 1) * F), acc_t(0));
-  const acc_t* p = o.partial;
-  for (int64_t blk = 0; blk < blocks; ++blk, p += (K + 1) * F)
-    for (int64_t e = 0; e < (K + 1) * F; ++e) total[e] += p[e];
+  std::vector<acc_t> total(static_cast<size_t>((K + 1) * F));
+  sum_block_partials(o.partial, blocks, (K + 1) * F, total.data());
   std::transform(total.begin(), total.begin() + K * F, dw_sp.mutable_data_ptr<scalar_t>(),
                  [](acc_t v) { return static_cast<scalar_t>(v); });
   std::transform(total.begin() + K * F, total.end(), db_sp.mutable_data_ptr<scalar_t>(),

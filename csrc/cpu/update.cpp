@@ -22,7 +22,7 @@
 #include <torch/library.h>
 
 #include "cell_math.h"
-#include "cpu/checks.h"
+#include "checks.h"
 #include "cpu/loops.h"
 
 namespace cube {

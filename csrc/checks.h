@@ -1,5 +1,5 @@
 // Input validation of the cube ops: every message names the argument and what was expected.
-// Device-agnostic (ATen core only), so any backend can include it.
+// Device-agnostic (ATen core only): the CPU and the CUDA ops share every rule.
 #pragma once
 
 #include <cstdint>
