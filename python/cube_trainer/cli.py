@@ -1,0 +1,238 @@
+"""Console scripts: ``cube-train``, ``cube-eval`` and ``cube-ask``."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .checkpoint import CheckpointError, read_checkpoint, resolve_checkpoint
+from .config import ConfigError, load_config
+from .data import DataError, build_splits, load_pairs, split_pairs
+from .evaluate import compare, format_table
+from .teacher import Teacher, TeacherError
+from .trainer import CubeTrainer, NonFiniteLossError, resolve_device
+
+_ERRORS = (ConfigError, CheckpointError, DataError, TeacherError)
+
+
+def _run(prog: str, fn, args) -> int:
+    try:
+        return fn(args)
+    except _ERRORS as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _teacher(trainer: CubeTrainer) -> Teacher:
+    tc = trainer.config.teacher
+    teacher = Teacher(tc.model, device=tc.device or trainer.device, dtype=tc.dtype, max_length=tc.max_length,
+                      batch_size=tc.batch_size, cache_dir=tc.cache_dir)
+    if teacher.dim != trainer.teacher_dim:
+        raise TeacherError(f"teacher.model {tc.model!r} gives {teacher.dim}-D embeddings but the model "
+                           f"was built for {trainer.teacher_dim}-D")
+    return teacher
+
+
+def _splits(trainer: CubeTrainer, log) -> dict:
+    """The data splits with teacher embeddings; under DDP rank 0 fills the cache first."""
+    tic = time.perf_counter()
+    teacher = _teacher(trainer)
+    if trainer.world > 1 and trainer.rank != 0:
+        dist.barrier()
+    splits = build_splits(trainer.config.data, teacher)
+    if trainer.world > 1 and trainer.rank == 0:
+        dist.barrier()
+    log(f"data: {trainer.config.data.source}: " + ", ".join(f"{k} {len(v)} pairs" for k, v in splits.items())
+        + f"; teacher {teacher.path.name} ({teacher.dim}-D), {time.perf_counter() - tic:.1f} s "
+        f"(cache: {teacher.cache.path})")
+    return splits
+
+
+def _report(trainer: CubeTrainer, splits: dict, split: str, baselines: bool, out_dir: Path | None, log) -> list:
+    tic = time.perf_counter()
+    rows = compare(trainer, splits, split, baselines=baselines, log=log)
+    table = format_table(rows, splits[split], split)
+    log(table)
+    log(f"evaluation: {time.perf_counter() - tic:.1f} s")
+    if out_dir is not None:
+        result = {"split": split, "step": trainer.global_step,
+                  "rows": [{"method": r.method, "params": r.params, **r.metrics} for r in rows]}
+        (out_dir / f"eval_{split}.json").write_text(json.dumps(result, indent=1))
+        (out_dir / f"eval_{split}.txt").write_text(table + "\n")
+        with open(out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"kind": split, **result}) + "\n")
+    return rows
+
+
+def _init_distributed(device: str) -> bool:
+    """Joins the torchrun process group (gloo on CPU, nccl on CUDA) when WORLD_SIZE > 1."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    cuda = resolve_device(device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return True
+
+
+def _run_dir(checkpoint: str) -> Path:
+    """The run directory of a checkpoint path (``run/checkpoints/step_N.json`` -> ``run``)."""
+    path = resolve_checkpoint(checkpoint).parent
+    return path.parent if path.name == "checkpoints" else path
+
+
+def _train(args) -> int:
+    overrides = list(args.set)
+    if args.out_dir:
+        overrides.append(f"out_dir={args.out_dir}")
+    if args.device:
+        overrides.append(f"device={args.device}")
+    if args.resume and not args.config:
+        if not args.out_dir:  # continue in the run's own directory, wherever it was moved
+            overrides.insert(0, f"out_dir={_run_dir(args.resume)}")
+        cfg_device = args.device or read_checkpoint(args.resume)[0]["config"].get("device", "auto")
+    else:
+        if not args.config:
+            raise ConfigError("give --config FILE (or --resume RUN_DIR to continue a run)")
+        cfg_device = load_config(args.config, overrides).device
+    distributed = _init_distributed(cfg_device)
+    try:
+        rank = dist.get_rank() if distributed else 0
+        log = print if rank == 0 else (lambda *a, **k: None)
+        if args.resume and not args.config:
+            trainer = CubeTrainer.load(args.resume, overrides=overrides)
+            log(f"resumed {resolve_checkpoint(args.resume)} at step {trainer.global_step}")
+        else:
+            trainer = CubeTrainer(load_config(args.config, overrides))
+            if args.resume:
+                trainer.resume(args.resume)
+                log(f"resumed {resolve_checkpoint(args.resume)} at step {trainer.global_step}")
+        cfg = trainer.config
+        log(f"model: {trainer.num_parameters():,} parameters (lattice {cfg.model.depth}x{cfg.model.height}x"
+            f"{cfg.model.width}, {cfg.model.channels} channels, {cfg.model.steps} steps), device {trainer.device}, "
+            f"{trainer.world} process(es)")
+        splits = _splits(trainer, log)
+        tic = time.perf_counter()
+        trainer.fit(splits["train"], splits["val"], stop_after=args.stop_after, log=log)
+        log(f"training: {time.perf_counter() - tic:.1f} s, step {trainer.global_step}/{cfg.train.steps}")
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+    if rank == 0 and not args.no_eval and trainer.global_step == cfg.train.steps:
+        _report(trainer, splits, "test", cfg.eval.baselines and not args.no_baselines, Path(cfg.out_dir), log)
+    return 0
+
+
+def train(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="cube-train", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train the cube lattice to answer questions in a teacher's embedding space, then "
+                    "evaluate it on the held-out test split against baselines.",
+        epilog="examples:\n"
+               "  cube-train --config configs/default.yaml\n"
+               "  cube-train --config configs/tiny.yaml --set train.steps=50 --out-dir runs/try\n"
+               "  cube-train --resume runs/default              # continue from the newest checkpoint\n"
+               "  torchrun --nproc_per_node=2 -m cube_trainer.cli train --config configs/default.yaml")
+    p.add_argument("--config", metavar="FILE", help="YAML config (see configs/ and docs/trainer.md)")
+    p.add_argument("--resume", metavar="PATH",
+                   help="continue a run from a checkpoint or a run directory (its newest checkpoint); "
+                        "without --config the checkpoint's own config is used")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.steps=100 (repeatable)")
+    p.add_argument("--out-dir", metavar="DIR", help="run directory (overrides out_dir)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides device)")
+    p.add_argument("--stop-after", type=int, metavar="N",
+                   help="stop after N steps of this invocation (the schedule still spans train.steps)")
+    p.add_argument("--no-eval", action="store_true", help="skip the final test evaluation")
+    p.add_argument("--no-baselines", action="store_true", help="evaluate the model only, without baselines")
+    return _run("cube-train", _train, p.parse_args(argv))
+
+
+def _evaluate(args) -> int:
+    trainer = CubeTrainer.load(args.checkpoint, device=args.device)
+    print(f"checkpoint {resolve_checkpoint(args.checkpoint)} (step {trainer.global_step})")
+    splits = _splits(trainer, print)
+    rows = _report(trainer, splits, args.split, not args.no_baselines, None, print)
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"split": args.split, "rows": [{"method": r.method, "params": r.params, **r.metrics} for r in rows]},
+            indent=1))
+    return 0
+
+
+def evaluate(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="cube-eval",
+        description="Evaluate a checkpoint on a held-out split: mean cosine to the true answer and retrieval "
+                    "among all answers of the split (recall@k, MRR), next to the baselines (raw question "
+                    "embedding, mean answer, ridge regression, an MLP of the same size).")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint file or run directory")
+    p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--no-baselines", action="store_true", help="the model only")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the checkpoint's)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    return _run("cube-eval", _evaluate, p.parse_args(argv))
+
+
+def _ask(args) -> int:
+    tic = time.perf_counter()
+    trainer = CubeTrainer.load(args.checkpoint, device=args.device)
+    cfg = trainer.config
+    teacher = _teacher(trainer)
+    train_pairs = split_pairs(load_pairs(cfg.data), cfg.data.val_fraction, cfg.data.test_fraction,
+                              cfg.data.split_seed, cfg.data.max_pairs)[0]
+    answers = sorted({p.answer for p in train_pairs})
+    bank = F.normalize(teacher.encode(answers), dim=-1)
+    teacher.load()  # a one-off cost, kept out of the per-question latency
+    print(f"loaded in {time.perf_counter() - tic:.1f} s; {len(answers)} training answers")
+    for question in args.question:
+        t0 = time.perf_counter()
+        q = teacher.encode([question], cache=False)
+        t1 = time.perf_counter()
+        pred = F.normalize(trainer.predict(q), dim=-1)
+        t2 = time.perf_counter()
+        scores, idx = (pred @ bank.T)[0].topk(min(args.top, len(answers)))
+        t3 = time.perf_counter()
+        print(f"\nQ: {question}")
+        for s, i in zip(scores.tolist(), idx.tolist()):
+            print(f"  {s:+.3f}  {answers[i]}")
+        print(f"latency: teacher {1e3 * (t1 - t0):.1f} ms, model {1e3 * (t2 - t1):.1f} ms, "
+              f"search {1e3 * (t3 - t2):.1f} ms, total {1e3 * (t3 - t0):.1f} ms")
+    return 0
+
+
+def ask(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="cube-ask",
+        description="Answer questions with a trained checkpoint: embeds each question with the teacher, runs the "
+                    "model and prints the nearest answers of the training split with their cosine scores and "
+                    "the latency of each stage.")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint file or run directory")
+    p.add_argument("question", nargs="+", help="one or more questions")
+    p.add_argument("-k", "--top", type=int, default=5, help="how many answers to show (default 5)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the checkpoint's)")
+    return _run("cube-ask", _ask, p.parse_args(argv))
+
+
+def main(argv=None) -> int:
+    """``python -m cube_trainer.cli {train,evaluate,ask} ...`` (what torchrun runs)."""
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {"train": train, "evaluate": evaluate, "ask": ask}
+    if not argv or argv[0] not in commands:
+        print("usage: python -m cube_trainer.cli {train,evaluate,ask} [options]", file=sys.stderr)
+        return 2
+    return commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

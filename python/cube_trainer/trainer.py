@@ -1,0 +1,427 @@
+"""``CubeTrainer``: the model with its optimizer, schedule and training state.
+
+One optimizer step (``train_step``) takes a global batch of question / answer embeddings. The
+batch is cut into ``train.grad_accum`` micro-batches and each micro-batch into one slice per DDP
+rank, so that one process and N processes see the same pairs, the same contrastive negatives
+(the whole micro-batch) and average the same gradients. Everything random is drawn from seeds
+derived from (``seed``, purpose, step, ...), or from generators saved in checkpoints, so a
+resumed run repeats the losses of an uninterrupted one.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import os
+import time
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch import nn
+
+import cube_kernels
+from torch.nn.parallel import DistributedDataParallel
+
+from . import checkpoint as ckpt
+from .checkpoint import CheckpointError
+from .common import derive_seed, epoch_permutation, lr_factor, param_groups
+from .config import Config, ConfigError, apply_overrides, config_from_dict, config_to_dict, load_config, validate
+from .data import PairSet
+from .evaluate import candidates_of, candidates_of_tensors, retrieval_metrics
+from .losses import compute_losses, surface_target
+from .metrics import MetricsLog, plot_metrics, read_metrics
+from .model import CubeModel
+from .teacher import model_dim
+
+LOSS_KEYS = ("total_loss", "surface_loss", "dialogue_loss", "contrastive_loss", "internal_loss", "cosine_similarity")
+
+
+class NonFiniteLossError(RuntimeError):
+    """A NaN or infinite loss or gradient norm: the step is not applied."""
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    if str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {str(name)!r}: CUDA is not available on this machine")
+    return device
+
+
+def _coerce_config(config) -> Config:
+    if config is None:
+        return config_from_dict({})
+    if isinstance(config, Config):
+        return validate(copy.deepcopy(config))
+    if isinstance(config, dict):
+        return config_from_dict(copy.deepcopy(config))
+    if isinstance(config, (str, os.PathLike)):
+        return load_config(config)
+    raise TypeError(f"config must be a Config, a dict, a YAML path or None, got {type(config).__name__}")
+
+
+def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            keys += _config_diff(a[k], b[k], f"{prefix}{k}.")
+        elif a.get(k) != b.get(k):
+            keys.append(f"{prefix}{k}")
+    return keys
+
+
+class CubeTrainer(nn.Module):
+    """Trains ``CubeModel`` (adapter -> lattice -> inverse adapter) on teacher embeddings.
+
+    ``config``: a ``Config``, a dict, a YAML path or None (defaults). ``teacher_dim``: the
+    embedding width; read from ``teacher.model``'s config.json when None. ``device``: overrides
+    ``config.device``. Under ``torch.distributed`` (torchrun) the model is wrapped in DDP.
+    """
+
+    def __init__(self, config=None, teacher_dim: int | None = None, *, device=None):
+        super().__init__()
+        self.config = cfg = _coerce_config(config)
+        if device is not None:
+            cfg.device = str(device)
+        self.device = resolve_device(cfg.device)
+        distributed = dist.is_available() and dist.is_initialized()
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        if self.world > 1 and self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.rank)))
+        self.teacher_dim = teacher_dim if teacher_dim is not None else model_dim(cfg.teacher.model)
+        with torch.random.fork_rng(devices=[]):  # the same initial model in every process
+            torch.manual_seed(derive_seed(cfg.seed, "init"))
+            self.model = CubeModel(self.teacher_dim, cfg.model)
+        self.model.to(self.device)
+        # The DDP wrapper stays out of the module tree, so state_dict() holds each parameter once.
+        self.__dict__["_engine"] = self.model if self.world == 1 else DistributedDataParallel(
+            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        t = cfg.train
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, t.weight_decay), lr=t.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(
+            lr_factor, warmup=t.warmup_steps, total=t.steps, floor=t.min_lr_ratio))
+        on_cpu = self.device.type == "cpu"
+        self.amp_dtype = (torch.bfloat16 if on_cpu else torch.float16) if t.amp else None
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.amp and not on_cpu)
+        self.global_step = 0
+        self.data_position = {"epoch": 0, "cursor": 0, "size": None}
+        self.generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "pool"))
+        self.pool_states = self.pool_filled = None
+        if t.pool_size:
+            D, H, W = self.model.lattice.shape
+            self.pool_states = torch.zeros(t.pool_size, D, H, W, cfg.model.channels, device=self.device)
+            self.pool_filled = torch.zeros(t.pool_size, dtype=torch.bool, device=self.device)
+
+    # ------------------------------------------------------------------ inference
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def forward(self, question_emb: torch.Tensor, seed: int | None = None) -> dict[str, torch.Tensor]:
+        """The model's outputs for ``question_emb`` [B, teacher_dim] (see ``CubeModel.forward``);
+        ``final_output`` is the predicted answer embedding."""
+        q = self._check("question_emb", question_emb)
+        return self.model(q, seed=derive_seed(self.config.seed, "eval") if seed is None else seed)
+
+    @torch.no_grad()
+    def predict(self, question_emb: torch.Tensor) -> torch.Tensor:
+        """Predicted answer embeddings ``[N, teacher_dim]`` (float32, on the CPU), in batches."""
+        q = self._check("question_emb", question_emb)
+        was_training = self.model.training
+        self.model.eval()
+        bs = self.config.eval.batch_size
+        try:
+            out = [self.forward(q[i:i + bs])["final_output"].float().cpu() for i in range(0, q.shape[0], bs)]
+        finally:
+            self.model.train(was_training)
+        return torch.cat(out) if out else torch.empty(0, self.teacher_dim)
+
+    def evaluate(self, data: PairSet | torch.Tensor, answer_emb: torch.Tensor | None = None) -> dict[str, float]:
+        """Mean cosine, recall@k and MRR on held-out pairs: a ``PairSet`` (answers of the same
+        question all count as correct), or question and answer embeddings."""
+        ks = tuple(self.config.eval.recall_at)
+        if isinstance(data, PairSet):
+            return retrieval_metrics(self.predict(data.q), data.a, candidates_of(data), ks)
+        a = self._check("answer_emb", answer_emb).cpu()
+        return retrieval_metrics(self.predict(data), a, candidates_of_tensors(a), ks)
+
+    def _check(self, name: str, emb) -> torch.Tensor:
+        if not isinstance(emb, torch.Tensor) or emb.dim() != 2 or emb.shape[1] != self.teacher_dim:
+            got = tuple(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__
+            raise ValueError(f"{name} must be a [batch, {self.teacher_dim}] tensor (the teacher's width), got {got}")
+        if not emb.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {emb.dtype}")
+        return emb.to(self.device, torch.float32)
+
+    # ------------------------------------------------------------------ training
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
+    def _pool_take(self, batch: int):
+        """Pool slots for the batch, and which of them start from a stored state."""
+        slots = torch.randperm(self.pool_states.shape[0], generator=self.generator)[:batch].to(self.device)
+        n_reset = round(batch * self.config.train.pool_reset)
+        self.pool_filled[slots[:n_reset]] = False
+        return slots, self.pool_states[slots], self.pool_filled[slots]
+
+    def train_step(self, question_emb: torch.Tensor, answer_emb: torch.Tensor) -> dict[str, float]:
+        """One optimizer step on a batch; returns ``total_loss``, each ``<term>_loss``,
+        ``cosine_similarity``, ``lr`` (of this step) and ``grad_norm`` (before clipping).
+        Under DDP every rank passes the same global batch and trains on its slice of it."""
+        q, a = self._check("question_emb", question_emb), self._check("answer_emb", answer_emb)
+        if q.shape[0] != a.shape[0]:
+            raise ValueError(f"question_emb has {q.shape[0]} rows but answer_emb has {a.shape[0]}")
+        t, lc = self.config.train, self.config.loss
+        B, accum = q.shape[0], t.grad_accum
+        if B % (accum * self.world):
+            raise ValueError(f"a batch of {B} pairs cannot be cut into train.grad_accum={accum} micro-batches "
+                             f"over {self.world} process(es)")
+        Bm = B // accum
+        Bl = Bm // self.world
+        if lc.contrastive > 0 and Bm < 2:
+            raise ValueError(f"the contrastive loss needs micro-batches of >= 2 pairs, got {Bm}")
+        pool = self._pool_take(B) if self.pool_states is not None else None
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        sums = torch.zeros(len(LOSS_KEYS), device=self.device)
+        finals = []
+        for m in range(accum):
+            rows = slice(m * Bm + self.rank * Bl, m * Bm + (self.rank + 1) * Bl)
+            sync = m == accum - 1 or self.world == 1
+            with contextlib.nullcontext() if sync else self._engine.no_sync():
+                start = {} if pool is None else {"start": pool[1][rows], "use_start": pool[2][rows]}
+                with self._autocast():
+                    out = self._engine(q[rows], seed=derive_seed(self.config.seed, "fire", self.global_step, m,
+                                                                 self.rank), **start)
+                losses = compute_losses(out, a[rows], surface_target(self.model, a[rows]), lc,
+                                        negatives=a[m * Bm:(m + 1) * Bm], offset=self.rank * Bl)
+                self.scaler.scale(losses["total_loss"] / accum).backward()
+            sums += torch.stack([losses[k].detach().float() for k in LOSS_KEYS]) / accum
+            if pool is not None:
+                finals.append(self._gather(out["final_cube_state"].detach().float()))
+        if self.world > 1:
+            dist.all_reduce(sums)
+            sums /= self.world
+        result = dict(zip(LOSS_KEYS, sums.tolist()))
+        if not torch.isfinite(sums).all():
+            bad = ", ".join(f"{k}={v}" for k, v in result.items())
+            raise NonFiniteLossError(f"non-finite loss at step {self.global_step + 1}: {bad}")
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_grad_norm or float("inf"))
+        if not self.scaler.is_enabled() and not torch.isfinite(grad_norm):
+            raise NonFiniteLossError(f"non-finite gradient norm at step {self.global_step + 1} "
+                                     f"(losses were finite: total_loss={result['total_loss']:.4g})")
+        result["lr"] = self.optimizer.param_groups[0]["lr"]
+        result["grad_norm"] = grad_norm.item()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        if pool is not None:  # every rank holds the whole pool, updated identically
+            slots = pool[0]
+            self.pool_states[slots] = torch.cat(finals)
+            self.pool_filled[slots] = True
+        self.global_step += 1
+        return result
+
+    def _next_batch(self, n: int) -> torch.Tensor:
+        """The next global batch of training indices (epochs of seeded permutations, no partial batch)."""
+        B, pos = self.config.train.batch_size, self.data_position
+        if pos["cursor"] + B > n:
+            pos["epoch"], pos["cursor"] = pos["epoch"] + 1, 0
+        idx = epoch_permutation(self.config.seed, pos["epoch"], n)[pos["cursor"]:pos["cursor"] + B]
+        pos["cursor"] += B
+        return idx
+
+    def fit(self, train: PairSet, val: PairSet | None = None, *, out_dir: str | Path | None = None,
+            stop_after: int | None = None, log=print) -> list[dict]:
+        """Trains until ``train.steps`` (or for ``stop_after`` more steps), logging to
+        ``out_dir/metrics.jsonl``, checkpointing to ``out_dir/checkpoints`` and plotting to
+        ``out_dir/training.png``. Continues from the trainer's state (see ``resume``); a run that
+        starts at step 0 replaces an earlier run's checkpoints and metrics in ``out_dir``.
+        Returns the metric records of this call."""
+        from tqdm.auto import tqdm
+        cfg, t = self.config, self.config.train
+        out = Path(out_dir or cfg.out_dir)
+        ck_dir = out / "checkpoints"
+        main = self.rank == 0
+        self._check("train.q", train.q)
+        N, B = len(train), t.batch_size
+        if N < B:
+            raise ValueError(f"the training split has {N} pairs, fewer than train.batch_size={B}")
+        if self.data_position["size"] not in (None, N):
+            raise CheckpointError(f"this run trained on {self.data_position['size']} pairs but the training split now "
+                                  f"has {N}: the data or its split changed, so it cannot continue exactly")
+        self.data_position["size"] = N
+        existing = ckpt.list_checkpoints(ck_dir)
+        metrics = None
+        if main:
+            ck_dir.mkdir(parents=True, exist_ok=True)
+            if self.global_step == 0 and existing:
+                log(f"replacing the earlier run in {out} (its checkpoints up to {existing[-1].name})")
+                for path in existing:
+                    path.unlink()
+                ckpt.prune_checkpoints(ck_dir, t.keep_checkpoints)
+            (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+            metrics = MetricsLog(out / "metrics.jsonl", self.global_step)
+        last_good = existing[-1] if existing and self.global_step else None
+        history = []
+
+        def record(rec: dict):
+            history.append(rec)
+            if metrics is not None:
+                metrics.write(rec)
+
+        bar = tqdm(total=t.steps, initial=self.global_step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not (main and t.progress))
+        window, n_window, busy, done = defaultdict(float), 0, 0.0, 0
+        while self.global_step < t.steps and (stop_after is None or done < stop_after):
+            idx = self._next_batch(N)
+            tic = time.perf_counter()
+            try:
+                res = self.train_step(train.q[idx], train.a[idx])
+            except NonFiniteLossError as exc:
+                bar.close()
+                where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+                raise NonFiniteLossError(f"{exc}. Training stopped; {where}.") from None
+            busy += time.perf_counter() - tic
+            done += 1
+            n_window += 1
+            for k in LOSS_KEYS + ("grad_norm",):
+                window[k] += res[k]
+            step = self.global_step
+            if step % t.log_every == 0 or step == t.steps:
+                rec = {"kind": "train", "step": step, **{k: v / n_window for k, v in window.items()},
+                       "lr": res["lr"], "samples_per_s": n_window * B / busy}
+                record(rec)
+                bar.set_postfix(loss=f"{rec['total_loss']:.4f}", cos=f"{rec['cosine_similarity']:.3f}",
+                                samples_s=f"{rec['samples_per_s']:.1f}")
+                window, n_window, busy = defaultdict(float), 0, 0.0
+            if val is not None and t.eval_every and step % t.eval_every == 0 and step < t.steps:
+                record({"kind": "val", "step": step, **self.evaluate(val)})
+            if main and t.checkpoint_every and step % t.checkpoint_every == 0:
+                last_good = self._save_run_checkpoint(ck_dir)
+            bar.update(1)
+        bar.close()
+        if self.global_step == t.steps and val is not None and done:
+            rec = {"kind": "val", "step": self.global_step, **self.evaluate(val)}
+            record(rec)
+            log("validation: " + ", ".join(f"{k}={v:.4f}" for k, v in rec.items() if k not in ("kind", "step")))
+        if main:
+            if done and (last_good is None or ckpt.stem_of(last_good).name != ckpt.checkpoint_stem(ck_dir, self.global_step).name):
+                last_good = self._save_run_checkpoint(ck_dir)
+            plot_metrics(read_metrics(out / "metrics.jsonl"), out / "training.png")
+            log(f"checkpoint: {last_good}\nmetrics: {out / 'metrics.jsonl'}\nplot: {out / 'training.png'}")
+        return history
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _save_run_checkpoint(self, ck_dir: Path) -> Path:
+        path = self.save(ckpt.checkpoint_stem(ck_dir, self.global_step))
+        ckpt.prune_checkpoints(ck_dir, self.config.train.keep_checkpoints)
+        return path
+
+    def save(self, path: str | Path) -> Path:
+        """Writes the whole training state to ``path.safetensors`` + ``path.json`` (atomically);
+        returns the JSON path."""
+        tensors = {f"model/{k}": v for k, v in self.model.state_dict().items()}
+        opt = self.optimizer.state_dict()
+        opt_json: dict[str, dict] = {}
+        for pid, state in opt["state"].items():
+            for k, v in state.items():
+                if torch.is_tensor(v):
+                    tensors[f"optimizer/{pid}/{k}"] = v
+                else:
+                    opt_json.setdefault(str(pid), {})[k] = v
+        tensors["rng/torch"] = torch.get_rng_state()
+        tensors["rng/generator"] = self.generator.get_state()
+        if self.pool_states is not None:
+            tensors["pool/states"], tensors["pool/filled"] = self.pool_states, self.pool_filled
+        meta = {"step": self.global_step, "config": config_to_dict(self.config), "teacher_dim": self.teacher_dim,
+                "optimizer": {"param_groups": opt["param_groups"], "state": opt_json},
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "data_position": dict(self.data_position),
+                "versions": {"torch": torch.__version__, "cube_kernels": cube_kernels.__version__}}
+        return ckpt.write_checkpoint(path, tensors, meta)
+
+    def _restore(self, meta: dict, tensors: dict[str, torch.Tensor]):
+        where = meta["path"]
+        model_sd = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+        own = self.model.state_dict()
+        missing, unexpected = sorted(set(own) - set(model_sd)), sorted(set(model_sd) - set(own))
+        wrong = [f"{k} {tuple(model_sd[k].shape)} != {tuple(v.shape)}" for k, v in own.items()
+                 if k in model_sd and model_sd[k].shape != v.shape]
+        if missing or unexpected or wrong:
+            raise CheckpointError(f"checkpoint {where} does not fit this model: missing {missing[:4]}, "
+                                  f"unexpected {unexpected[:4]}, shape mismatches {wrong[:4]}")
+        self.model.load_state_dict(model_sd)
+        groups = meta["optimizer"]["param_groups"]
+        if [len(g.get("params", [])) for g in groups] != [len(g["params"]) for g in self.optimizer.param_groups]:
+            raise CheckpointError(f"checkpoint {where}: its optimizer state does not fit this model")
+        state: dict[int, dict] = defaultdict(dict)
+        for k, v in tensors.items():
+            if k.startswith("optimizer/"):
+                _, pid, name = k.split("/", 2)
+                state[int(pid)][name] = v
+        for pid, extra in meta["optimizer"]["state"].items():
+            state[int(pid)].update(extra)
+        groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in groups]
+        try:
+            self.optimizer.load_state_dict({"state": dict(state), "param_groups": groups})
+            self.scheduler.load_state_dict(meta["scheduler"])
+            if self.scaler.is_enabled() and meta["scaler"]:
+                self.scaler.load_state_dict(meta["scaler"])
+            torch.set_rng_state(tensors["rng/torch"])
+            self.generator.set_state(tensors["rng/generator"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+            raise CheckpointError(f"checkpoint {where}: cannot restore the training state: {exc}") from None
+        if self.pool_states is not None:
+            if "pool/states" not in tensors or tensors["pool/states"].shape != self.pool_states.shape:
+                raise CheckpointError(f"checkpoint {where} has no sample pool of shape {tuple(self.pool_states.shape)} "
+                                      f"(train.pool_size changed?)")
+            self.pool_states.copy_(tensors["pool/states"])
+            self.pool_filled.copy_(tensors["pool/filled"])
+        self.global_step = meta["step"]
+        self.data_position = dict(meta["data_position"])
+
+    def resume(self, path: str | Path) -> CubeTrainer:
+        """Restores model, optimizer, schedule, scaler, RNG, data position and pool from a
+        checkpoint (a file or a run directory: its newest checkpoint)."""
+        meta, tensors = ckpt.read_checkpoint(path)
+        changed = [k for k in _config_diff(meta["config"], config_to_dict(self.config))
+                   if k not in ("out_dir", "device", "train.progress")]
+        if changed:
+            warnings.warn(f"resuming {meta['path']} with a different config ({', '.join(changed)}): "
+                          f"the continuation is not the uninterrupted run")
+        self._restore(meta, tensors)
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path, *, device=None, overrides=()) -> CubeTrainer:
+        """A trainer rebuilt from a checkpoint's config and state; ``overrides`` are ``KEY=VALUE``
+        config changes (e.g. ``train.steps=2000`` to train longer)."""
+        meta, tensors = ckpt.read_checkpoint(path)
+        try:
+            config_from_dict(copy.deepcopy(meta["config"]))
+        except ConfigError as exc:
+            raise CheckpointError(f"checkpoint {meta['path']} holds an invalid config: {exc}") from None
+        cfg = config_from_dict(apply_overrides(copy.deepcopy(meta["config"]), overrides))
+        if meta["teacher_dim"] < 1:
+            raise CheckpointError(f"checkpoint {meta['path']}: teacher_dim must be >= 1, got {meta['teacher_dim']}")
+        trainer = cls(cfg, meta["teacher_dim"], device=device)
+        trainer._restore(meta, tensors)
+        return trainer
