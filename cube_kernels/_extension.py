@@ -65,6 +65,14 @@ def load() -> bool:
     return True
 
 
+def require(op: str) -> None:
+    """Raise, naming ``cube::op``, when the extension is not built."""
+    if not load():
+        raise RuntimeError(f"cube::{op} is unavailable: the extension cube_kernels._C is not "
+                           "built (run pip install --no-build-isolation .); "
+                           "cube_kernels.reference has the same function in plain PyTorch")
+
+
 def has_cuda() -> bool:
     """Whether the loaded extension has CUDA implementations of the ops."""
     return load() and torch._C._dispatch_has_kernel_for_dispatch_key("cube::gather_gate", "CUDA")

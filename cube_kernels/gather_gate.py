@@ -14,17 +14,10 @@ from . import _extension
 _AVAILABLE = _extension.load()
 
 
-def _require(op: str) -> None:
-    if not _AVAILABLE:
-        raise RuntimeError(f"cube::{op} is unavailable: the extension cube_kernels._C is not "
-                           "built (run pip install --no-build-isolation .); "
-                           "cube_kernels.reference has the same function in plain PyTorch")
-
-
 def gather_gate(u: torch.Tensor, vn: torch.Tensor, w_sp: torch.Tensor, b_sp: torch.Tensor,
                 neighbourhood: str, boundary: str) -> torch.Tensor:
     """``h``; differentiable in u, vn, w_sp and b_sp."""
-    _require("gather_gate")
+    _extension.require("gather_gate")
     return torch.ops.cube.gather_gate(u, vn, w_sp, b_sp, neighbourhood, boundary)
 
 
@@ -32,7 +25,7 @@ def gather_gate_backward(grad_h: torch.Tensor, u: torch.Tensor, vn: torch.Tensor
                          w_sp: torch.Tensor, b_sp: torch.Tensor, neighbourhood: str,
                          boundary: str) -> tuple[torch.Tensor, ...]:
     """``(du, dvn, dw_sp, db_sp)`` for the gradient ``grad_h`` of ``h``."""
-    _require("gather_gate_backward")
+    _extension.require("gather_gate_backward")
     return torch.ops.cube.gather_gate_backward(grad_h, u, vn, w_sp, b_sp, neighbourhood, boundary)
 
 

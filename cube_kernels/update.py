@@ -15,24 +15,17 @@ from . import _extension
 _AVAILABLE = _extension.load()
 
 
-def _require(op: str) -> None:
-    if not _AVAILABLE:
-        raise RuntimeError(f"cube::{op} is unavailable: the extension cube_kernels._C is not "
-                           "built (run pip install --no-build-isolation .); "
-                           "cube_kernels.reference has the same function in plain PyTorch")
-
-
 def update(x: torch.Tensor, h: torch.Tensor, w_out: torch.Tensor, b_out: torch.Tensor,
            seed: int, step: int, fire_rate: float) -> torch.Tensor:
     """``x_new``; differentiable in x, h, w_out and b_out."""
-    _require("update")
+    _extension.require("update")
     return torch.ops.cube.update(x, h, w_out, b_out, seed, step, fire_rate)
 
 
 def update_backward(grad: torch.Tensor, h: torch.Tensor, w_out: torch.Tensor, seed: int,
                     step: int, fire_rate: float) -> tuple[torch.Tensor, ...]:
     """``(dh, dw_out, db_out)`` for the gradient ``grad`` of ``x_new`` (``dx`` is ``grad``)."""
-    _require("update_backward")
+    _extension.require("update_backward")
     return torch.ops.cube.update_backward(grad, h, w_out, seed, step, fire_rate)
 
 
