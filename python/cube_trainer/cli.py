@@ -125,6 +125,8 @@ def _train(args) -> int:
         tic = time.perf_counter()
         trainer.fit(splits["train"], splits["val"], stop_after=args.stop_after, log=log)
         log(f"training: {time.perf_counter() - tic:.1f} s, step {trainer.global_step}/{cfg.train.steps}")
+        if distributed:  # leave together: gloo aborts a process whose peer tears down mid-way
+            dist.barrier()
     finally:
         if distributed:
             dist.destroy_process_group()

