@@ -30,7 +30,7 @@ def _worker(rank: int, world: int, init_file: str, out: str):
         if rank == 0:
             tensors = dict(trainer.model.state_dict(), losses=torch.tensor(losses), pool=trainer.pool_states)
             save_file({k: v.contiguous() for k, v in tensors.items()}, out)
-        dist.barrier()  # tear the group down together: gloo aborts if a peer leaves mid-teardown
+        trainer.release_process_group()
     finally:
         dist.destroy_process_group()
 

@@ -106,6 +106,7 @@ def _train(args) -> int:
             raise ConfigError("give --config FILE (or --resume RUN_DIR to continue a run)")
         cfg_device = load_config(args.config, overrides).device
     distributed = _init_distributed(cfg_device)
+    trainer = None
     try:
         rank = dist.get_rank() if distributed else 0
         log = print if rank == 0 else (lambda *a, **k: None)
@@ -125,10 +126,10 @@ def _train(args) -> int:
         tic = time.perf_counter()
         trainer.fit(splits["train"], splits["val"], stop_after=args.stop_after, log=log)
         log(f"training: {time.perf_counter() - tic:.1f} s, step {trainer.global_step}/{cfg.train.steps}")
-        if distributed:  # leave together: gloo aborts a process whose peer tears down mid-way
-            dist.barrier()
     finally:
         if distributed:
+            if trainer is not None:
+                trainer.release_process_group()
             dist.destroy_process_group()
     if rank == 0 and not args.no_eval and trainer.global_step == cfg.train.steps:
         _report(trainer, splits, "test", cfg.eval.baselines and not args.no_baselines, Path(cfg.out_dir), log)

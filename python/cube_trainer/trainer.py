@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import gc
 import os
 import time
 import warnings
@@ -322,11 +323,19 @@ class CubeTrainer(nn.Module):
             record(rec)
             log("validation: " + ", ".join(f"{k}={v:.4f}" for k, v in rec.items() if k not in ("kind", "step")))
         if main:
-            if done and (last_good is None or ckpt.stem_of(last_good).name != ckpt.checkpoint_stem(ck_dir, self.global_step).name):
+            final = ckpt.checkpoint_stem(ck_dir, self.global_step).name
+            if done and (last_good is None or ckpt.stem_of(last_good).name != final):
                 last_good = self._save_run_checkpoint(ck_dir)
             plot_metrics(read_metrics(out / "metrics.jsonl"), out / "training.png")
             log(f"checkpoint: {last_good}\nmetrics: {out / 'metrics.jsonl'}\nplot: {out / 'training.png'}")
         return history
+
+    def release_process_group(self):
+        """Drops the DDP wrapper, which holds on to the process group. Call it before
+        ``torch.distributed.destroy_process_group()``: a gloo group that outlives it can abort the
+        process at exit. The trainer still predicts, evaluates and saves, but no longer trains."""
+        self.__dict__["_engine"] = self.model
+        gc.collect()
 
     # ------------------------------------------------------------------ checkpoints
 
