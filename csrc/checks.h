@@ -1,5 +1,7 @@
-// Input validation of the cube ops: every message names the argument and what was expected.
-// Device-agnostic (ATen core only): the CPU and the CUDA ops share every rule.
+// Input validation of the cube ops, the one header for the CPU and the CUDA ops: every message
+// names the argument and what was expected. Device-agnostic (ATen core only). The Python entries
+// run the same rules first (cube_kernels/ops/checks.py); these are the last line of defence for
+// direct torch.ops.cube calls.
 #pragma once
 
 #include <cstdint>
@@ -41,6 +43,13 @@ inline void check_tensor(const char* op, const at::Tensor& t, const char* name, 
               ref_name, " is on ", ref.device());
 }
 
+// The kernels index rows (cells of the whole batch, B*D*H*W) with int32.
+inline void check_rows(const char* op, const at::Tensor& t, const char* name) {
+  const int64_t rows = t.size(0) * t.size(1) * t.size(2) * t.size(3);
+  TORCH_CHECK(rows < (int64_t{1} << 31), op, ": ", name,
+              " has too many cells: B*D*H*W must be below 2^31, got ", rows);
+}
+
 inline void check_size(const char* op, const at::Tensor& t, const char* name, int64_t dim,
                        int64_t expected, const char* what) {
   TORCH_CHECK(t.size(dim) == expected, op, ": ", name, ".size(", dim, ") must be ", what, " = ",
@@ -79,9 +88,7 @@ inline GatherGateArgs check_gather_gate(const char* op, const at::Tensor& u, con
   a.lattice.W = u.size(3);
   a.F = u.size(4);
   a.N = a.lattice.cells();
-  // The neighbour tables index cells of one batch item with int32.
-  TORCH_CHECK(a.N < (int64_t{1} << 31), op, ": the lattice of u has ", a.N,
-              " cells, more than 2^31 - 1");
+  check_rows(op, u, "u");
   check_tensor(op, vn, "vn", 5, u, "u");
   TORCH_CHECK(vn.sizes() == u.sizes(), op, ": vn must have the shape of u ", u.sizes(), ", got ",
               vn.sizes());
@@ -119,6 +126,7 @@ inline UpdateArgs check_update(const char* op, const at::Tensor& x, const char* 
                                const at::Tensor* b_out, int64_t seed, int64_t step,
                                double fire_rate) {
   check_tensor(op, x, x_name, 5, x, x_name);
+  check_rows(op, x, x_name);
   check_tensor(op, h, "h", 5, x, x_name);
   check_same_lattice(op, h, "h", x, x_name);
   check_tensor(op, w_out, "w_out", 2, x, x_name);

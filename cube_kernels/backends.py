@@ -15,7 +15,7 @@ ENV_VAR = "CUBE_BACKEND"
 
 
 def _triton_ok(device: torch.device) -> bool:
-    from . import triton as triton_ops
+    from . import triton_ops
     return triton_ops.available() and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
@@ -54,8 +54,8 @@ class Kernels(NamedTuple):
 def kernels(name: str) -> Kernels:
     """The four fused ops of a concrete fused backend (``cpu``, ``cuda`` or ``triton``)."""
     if name == "triton":
-        from . import triton as gg
+        from . import triton_ops as gg
         up = gg
     else:
-        from . import gather_gate as gg, update as up
+        from .ops import gather_gate as gg, update as up
     return Kernels(gg.gather_gate, gg.gather_gate_backward, up.update, up.update_backward)

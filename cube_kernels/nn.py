@@ -9,7 +9,8 @@ from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from . import backends, reference
 from .neighbourhood import check_boundary, num_tokens
-from .step import PARAM_NAMES, fused_step
+from .spec import ALIVE_THRESHOLD, PARAM_NAMES, param_shapes
+from .step import fused_step
 
 
 class GMLPCell(nn.Module):
@@ -19,18 +20,9 @@ class GMLPCell(nn.Module):
         super().__init__()
         if channels < 1 or hidden < 1:
             raise ValueError(f"channels and hidden must be >= 1, got {channels} and {hidden}")
-        K = num_tokens(neighbourhood)
         self.channels, self.hidden, self.neighbourhood = channels, hidden, neighbourhood
-        self.ln1_weight = nn.Parameter(torch.ones(channels))
-        self.ln1_bias = nn.Parameter(torch.zeros(channels))
-        self.w_in = nn.Parameter(torch.empty(channels, 2 * hidden))
-        self.b_in = nn.Parameter(torch.zeros(2 * hidden))
-        self.ln2_weight = nn.Parameter(torch.ones(hidden))
-        self.ln2_bias = nn.Parameter(torch.zeros(hidden))
-        self.w_sp = nn.Parameter(torch.empty(K, hidden))
-        self.b_sp = nn.Parameter(torch.ones(hidden))
-        self.w_out = nn.Parameter(torch.empty(hidden, channels))
-        self.b_out = nn.Parameter(torch.zeros(channels))
+        for name, shape in param_shapes(channels, hidden, num_tokens(neighbourhood)).items():
+            setattr(self, name, nn.Parameter(torch.empty(shape)))
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -64,7 +56,7 @@ class CubeLattice(nn.Module):
     def __init__(self, depth: int = 11, height: int = 15, width: int = 15, channels: int = 64,
                  hidden: int = 128, neighbourhood: str = "von_neumann", boundary: str = "zero",
                  fire_rate: float = 1.0, alive_channel: int | None = None,
-                 alive_threshold: float = reference.ALIVE_THRESHOLD, backend: str = "auto",
+                 alive_threshold: float = ALIVE_THRESHOLD, backend: str = "auto",
                  checkpoint: bool = False):
         super().__init__()
         for name, n in (("depth", depth), ("height", height), ("width", width)):

@@ -7,9 +7,10 @@ import torch.nn.functional as F
 
 from .neighbourhood import check_boundary, offsets
 from .philox import fire_mask
+from .spec import ALIVE_THRESHOLD, LN_EPS
 
-LN_EPS = 1e-5
-ALIVE_THRESHOLD = 0.1
+__all__ = ["ALIVE_THRESHOLD", "LN_EPS", "alive", "cell_input", "gate_input", "gather_gate", "rollout",
+           "shift", "step", "update"]
 
 
 def shift(t: torch.Tensor, offset: tuple[int, int, int], boundary: str) -> torch.Tensor:
@@ -54,14 +55,19 @@ def alive(x, channel: int, threshold: float = ALIVE_THRESHOLD):
     return (F.max_pool3d(a, 3, stride=1, padding=1) > threshold).squeeze(1)
 
 
+def gate_input(proj, b_in, ln2_weight, ln2_bias):
+    """The in-projection's bias, GELU and the gate's LayerNorm: ``(u, vn)`` from
+    ``proj = y @ w_in`` (``[..., 2F]``), both ``[..., F]``."""
+    Fh = proj.shape[-1] // 2
+    z = F.gelu(proj + b_in)
+    u, v = z[..., :Fh], z[..., Fh:]
+    return u, F.layer_norm(v, (Fh,), ln2_weight, ln2_bias, LN_EPS)
+
+
 def cell_input(x, ln1_weight, ln1_bias, w_in, b_in, ln2_weight, ln2_bias):
     """LayerNorm, in-projection, GELU and the gate's LayerNorm: ``(u, vn)``."""
-    Fh = w_in.shape[1] // 2
     y = F.layer_norm(x, (x.shape[-1],), ln1_weight, ln1_bias, LN_EPS)
-    z = F.gelu(y @ w_in + b_in)
-    u, v = z[..., :Fh], z[..., Fh:]
-    vn = F.layer_norm(v, (Fh,), ln2_weight, ln2_bias, LN_EPS)
-    return u, vn
+    return gate_input(y @ w_in, b_in, ln2_weight, ln2_bias)
 
 
 def step(x, params: dict, *, seed: int, step: int, neighbourhood: str = "von_neumann",

@@ -11,11 +11,8 @@ from __future__ import annotations
 import torch
 
 from . import backends, reference
-from .gate_input import gate_input, gate_input_backward
-from .reference import LN_EPS
-
-PARAM_NAMES = ("ln1_weight", "ln1_bias", "w_in", "b_in", "ln2_weight", "ln2_bias",
-               "w_sp", "b_sp", "w_out", "b_out")
+from .ops.gate_input import gate_input, gate_input_backward
+from .spec import ALIVE_THRESHOLD, LN_EPS, PARAM_NAMES
 
 
 def _cell_input(x2, ln1_weight, ln1_bias, w_in, b_in, ln2_weight, ln2_bias):
@@ -78,7 +75,7 @@ class _FusedStep(torch.autograd.Function):
 
 def fused_step(x, params: dict, *, backend: str, seed: int, step: int, neighbourhood: str,
                boundary: str, fire_rate: float, alive_channel: int | None = None,
-               alive_threshold: float = reference.ALIVE_THRESHOLD):
+               alive_threshold: float = ALIVE_THRESHOLD):
     """One SPEC step on the fused ``backend`` (``cpu``, ``cuda`` or ``triton``). Under autocast
     the step computes in the autocast dtype and returns ``x``'s dtype, like the reference."""
     device_type = x.device.type

@@ -35,5 +35,5 @@ def interpreting() -> bool:
 
 def __getattr__(name: str):
     if name in __all__:
-        raise ImportError(f"cube_kernels.triton.{name} needs the triton package, which is not installed")
+        raise ImportError(f"cube_kernels.triton_ops.{name} needs the triton package, which is not installed")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

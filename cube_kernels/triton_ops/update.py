@@ -12,8 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, acc_dtype, acc_torch_dtype, check_cells, check_shape,
-                      check_step_args, check_tensor, rows_per_partial, sum_partials, upcast_dot)
+from ..ops.update import UPDATE
+from ._common import (INTERPRET, acc_dtype, acc_torch_dtype, check_device, rows_per_partial,
+                      sum_partials, upcast_dot)
 
 
 def _gemm_configs(m: str, n: str, k: str):
@@ -144,30 +145,13 @@ def _update_bwd_dw_kernel(g_ptr, h_ptr, dw_part_ptr, db_part_ptr, R, F, C, CHUNK
 
 
 def _check(x, h, w_out, b_out, seed, step, fire_rate):
-    check_tensor("x", x, 5)
-    check_cells("x", x)
-    check_tensor("h", h, 5, x.dtype, x.device)
-    if h.shape[:-1] != x.shape[:-1]:
-        raise ValueError(f"h must have the cells of x, [B, D, H, W] = {tuple(x.shape[:-1])}, "
-                         f"got shape {tuple(h.shape)}")
-    F, C = h.shape[-1], x.shape[-1]
-    check_tensor("w_out", w_out, 2, x.dtype, x.device)
-    check_shape("w_out", w_out, (F, C), "[F, C] with F from h and C from x")
-    check_tensor("b_out", b_out, 1, x.dtype, x.device)
-    check_shape("b_out", b_out, (C,), "[C]")
-    check_step_args(seed, step, fire_rate, math.prod(x.shape[:-1]))
+    UPDATE.check(x, h, w_out, b_out, seed, step, fire_rate)
+    check_device(x)
 
 
 def _check_backward(grad, h, w_out, seed, step, fire_rate):
-    check_tensor("h", h, 5)
-    check_cells("h", h)
-    F = h.shape[-1]
-    check_tensor("w_out", w_out, 2, h.dtype, h.device)
-    if w_out.shape[0] != F:
-        raise ValueError(f"w_out must have shape [F, C] with F={F} from h, got {tuple(w_out.shape)}")
-    check_tensor("grad", grad, 5, h.dtype, h.device)
-    check_shape("grad", grad, tuple(h.shape[:-1]) + (w_out.shape[1],), "[B, D, H, W, C]")
-    check_step_args(seed, step, fire_rate, math.prod(h.shape[:-1]))
+    UPDATE.check_backward(grad, h, w_out, seed, step, fire_rate)
+    check_device(h)
 
 
 def _scalars(dtype, seed, step, fire_rate):
@@ -189,12 +173,6 @@ def _update_op(x: torch.Tensor, h: torch.Tensor, w_out: torch.Tensor, b_out: tor
     _update_fwd_kernel[grid](x, h, w_out, b_out, out, R, F, C,
                              **_scalars(x.dtype, seed, step, fire_rate))
     return out
-
-
-@_update_op.register_fake
-def _(x, h, w_out, b_out, seed, step, fire_rate):
-    _check(x, h, w_out, b_out, seed, step, fire_rate)
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("cube_triton::update_backward", mutates_args=())
@@ -220,36 +198,18 @@ def _update_backward_op(grad: torch.Tensor, h: torch.Tensor, w_out: torch.Tensor
     return dh, sum_partials(dw_part, h.dtype), sum_partials(db_part, h.dtype)
 
 
-@_update_backward_op.register_fake
-def _(grad, h, w_out, seed, step, fire_rate):
-    _check_backward(grad, h, w_out, seed, step, fire_rate)
-    return (torch.empty_like(h, memory_format=torch.contiguous_format),
-            torch.empty_like(w_out, memory_format=torch.contiguous_format),
-            w_out.new_empty(w_out.shape[1]))
-
-
-def _setup_context(ctx, inputs, output):
-    x, h, w_out, b_out, seed, step, fire_rate = inputs
-    ctx.save_for_backward(h, w_out)
-    ctx.seed, ctx.step, ctx.fire_rate = seed, step, fire_rate
-
-
-def _backward(ctx, grad):
-    h, w_out = ctx.saved_tensors
-    dh, dw_out, db_out = _update_backward_op(grad, h, w_out, ctx.seed, ctx.step, ctx.fire_rate)
-    return grad, dh, dw_out, db_out, None, None, None
-
-
-_update_op.register_autograd(_backward, setup_context=_setup_context)
+UPDATE.register("cube_triton")
 
 
 def update(x: torch.Tensor, h: torch.Tensor, w_out: torch.Tensor, b_out: torch.Tensor,
            seed: int, step: int, fire_rate: float) -> torch.Tensor:
-    """``x + m * (h @ w_out + b_out)``; differentiable (``cube_triton::update``)."""
+    """``x_new``; differentiable (``cube_triton::update``)."""
+    _check(x, h, w_out, b_out, seed, step, fire_rate)
     return _update_op(x, h, w_out, b_out, seed, step, fire_rate)
 
 
 def update_backward(grad: torch.Tensor, h: torch.Tensor, w_out: torch.Tensor, seed: int,
                     step: int, fire_rate: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dh, dw_out, db_out)`` of :func:`update` for ``grad`` (``dx = grad`` is the caller's)."""
+    _check_backward(grad, h, w_out, seed, step, fire_rate)
     return _update_backward_op(grad, h, w_out, seed, step, fire_rate)

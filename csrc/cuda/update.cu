@@ -1,5 +1,5 @@
 // Out-projection + stochastic residual update (SPEC.md "What is fused"): the kernels around
-// the two cuBLAS GEMMs that ops_cuda.cpp issues. The GEMMs themselves stay in cuBLAS: at
+// the two cuBLAS GEMMs that update_host.cpp issues. The GEMMs themselves stay in cuBLAS: at
 // F x C = 128 x 64 it beats a hand-written GEMM, and what is left to fuse (bias, fire mask,
 // residual; the masked gradient and db_out) is memory-bound, so it lives here.
 //
@@ -81,29 +81,25 @@ update_backward_kernel(const T* __restrict__ grad, T* __restrict__ d_delta,
 
 }  // namespace
 
-void launch_update_epilogue(DType dtype, const void* x, const void* delta, const void* b_out,
-                            void* x_new, int64_t B, int64_t cells, int64_t C, uint64_t seed,
-                            int64_t step, float fire_rate, cudaStream_t stream) {
-  const int64_t rows = B * cells;
-  dispatch(dtype, [&](auto tag) {
+void launch_update_epilogue(const UpdateParams& p) {
+  const int64_t rows = p.B * p.cells;
+  dispatch(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    update_epilogue_kernel<T><<<tile_grid(rows, C), dim3(kLanes, kBlockRows), 0, stream>>>(
-        static_cast<const T*>(x), static_cast<const acc_t<T>*>(delta),
-        static_cast<const T*>(b_out), static_cast<T*>(x_new), rows, B, cells, C, seed, step,
-        fire_rate);
+    update_epilogue_kernel<T><<<tile_grid(rows, p.C), dim3(kLanes, kBlockRows), 0, p.stream>>>(
+        static_cast<const T*>(p.x), static_cast<const acc_t<T>*>(p.delta),
+        static_cast<const T*>(p.b_out), static_cast<T*>(p.x_new), rows, p.B, p.cells, p.C,
+        p.seed, p.step, p.fire_rate);
   });
 }
 
-void launch_update_backward(DType dtype, const void* grad, void* d_delta, void* db_out,
-                            void* partial, int64_t B, int64_t cells, int64_t C, uint64_t seed,
-                            int64_t step, float fire_rate, cudaStream_t stream) {
-  const int64_t rows = B * cells;
-  dispatch(dtype, [&](auto tag) {
+void launch_update_backward(const UpdateParams& p) {
+  const int64_t rows = p.B * p.cells;
+  dispatch(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    update_backward_kernel<T><<<tile_grid(rows, C), dim3(kLanes, kBlockRows), 0, stream>>>(
-        static_cast<const T*>(grad), static_cast<T*>(d_delta),
-        static_cast<acc_t<T>*>(partial), rows, B, cells, C, seed, step, fire_rate);
-    launch_reduce_tiles<T>(partial, num_tiles(rows), C, C, db_out, nullptr, stream);
+    update_backward_kernel<T><<<tile_grid(rows, p.C), dim3(kLanes, kBlockRows), 0, p.stream>>>(
+        static_cast<const T*>(p.grad), static_cast<T*>(p.d_delta),
+        static_cast<acc_t<T>*>(p.partial), rows, p.B, p.cells, p.C, p.seed, p.step, p.fire_rate);
+    launch_reduce_tiles<T>(p.partial, num_tiles(rows), p.C, p.C, p.db_out, nullptr, p.stream);
   });
 }
 
