@@ -39,14 +39,15 @@ def gather_gate(u, vn, w_sp, b_sp, neighbourhood: str, boundary: str):
 
 
 def update(x, h, w_out, b_out, seed: int, step: int, fire_rate: float):
-    """``x + m * (h @ w_out + b_out)`` with the Philox fire mask of SPEC.md."""
-    delta = h @ w_out + b_out
+    """``where(m, x + (h @ w_out + b_out), x)`` with the Philox fire mask of SPEC.md: a cell that
+    does not fire keeps ``x`` bit for bit, even where the update is Inf or NaN."""
+    x_fired = x + (h @ w_out + b_out)
     if fire_rate >= 1.0:
-        return x + delta
+        return x_fired
     B = x.shape[0]
     cells = x[0, ..., 0].numel()
     m = fire_mask(seed, step, B, cells, fire_rate, x.device).view(x.shape[:-1] + (1,))
-    return x + m.to(delta.dtype) * delta
+    return torch.where(m, x_fired, x)
 
 
 def alive(x, channel: int, threshold: float = ALIVE_THRESHOLD):

@@ -5,6 +5,8 @@
 // row, so every load of u, vn and grad_h is coalesced. The K neighbour rows of the tile are
 // found once per block with cube::Lattice::neighbour (cell_math.h, the same code as the CPU
 // kernels) and kept in shared memory, instead of redoing the index arithmetic per channel.
+#include <type_traits>
+
 #include "common.cuh"
 
 #include "../cell_math.h"
@@ -132,15 +134,21 @@ gather_gate_backward_kernel(const T* __restrict__ grad_h, const T* __restrict__ 
 }
 
 template <typename T, int K>
-void forward(const GatherGateParams& p, const Lattice& lat, int64_t rows) {
-  gather_gate_forward_kernel<T, K><<<tile_grid(rows, p.F), dim3(kLanes, kBlockRows), 0, p.stream>>>(
+void forward(const GatherGateParams& p) {
+  const Lattice lat{p.D, p.H, p.W, p.boundary};
+  const int64_t rows = p.B * lat.cells();
+  const dim3 grid = tile_grid(rows, p.F), block(kLanes, kBlockRows);
+  gather_gate_forward_kernel<T, K><<<grid, block, 0, p.stream>>>(
       static_cast<const T*>(p.u), static_cast<const T*>(p.vn), static_cast<const T*>(p.w_sp),
       static_cast<const T*>(p.b_sp), static_cast<T*>(p.h), lat, rows, p.F);
 }
 
 template <typename T, int K>
-void backward(const GatherGateParams& p, const Lattice& lat, int64_t rows) {
-  gather_gate_backward_kernel<T, K><<<tile_grid(rows, p.F), dim3(kLanes, kBlockRows), 0, p.stream>>>(
+void backward(const GatherGateParams& p) {
+  const Lattice lat{p.D, p.H, p.W, p.boundary};
+  const int64_t rows = p.B * lat.cells();
+  const dim3 grid = tile_grid(rows, p.F), block(kLanes, kBlockRows);
+  gather_gate_backward_kernel<T, K><<<grid, block, 0, p.stream>>>(
       static_cast<const T*>(p.grad_h), static_cast<const T*>(p.u), static_cast<const T*>(p.vn),
       static_cast<const T*>(p.w_sp), static_cast<const T*>(p.b_sp), static_cast<T*>(p.du),
       static_cast<T*>(p.dvn), static_cast<acc_t<T>*>(p.partial), lat, rows, p.F);
@@ -148,25 +156,26 @@ void backward(const GatherGateParams& p, const Lattice& lat, int64_t rows) {
                          p.stream);
 }
 
+// Calls fn(Tag<T>{}, std::integral_constant<int, K>{}) for the dtype and the token count of p.
+template <typename Fn>
+void dispatch_stencil(const GatherGateParams& p, Fn&& fn) {
+  dispatch(p.dtype, [&](auto tag) {
+    if (p.neighbourhood == kMoore) fn(tag, std::integral_constant<int, 27>{});
+    else fn(tag, std::integral_constant<int, 7>{});
+  });
+}
+
 }  // namespace
 
 void launch_gather_gate(const GatherGateParams& p) {
-  const Lattice lat{p.D, p.H, p.W, p.boundary};
-  const int64_t rows = p.B * lat.cells();
-  dispatch(p.dtype, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    if (p.neighbourhood == kMoore) forward<T, 27>(p, lat, rows);
-    else forward<T, 7>(p, lat, rows);
+  dispatch_stencil(p, [&](auto tag, auto k) {
+    forward<typename decltype(tag)::type, decltype(k)::value>(p);
   });
 }
 
 void launch_gather_gate_backward(const GatherGateParams& p) {
-  const Lattice lat{p.D, p.H, p.W, p.boundary};
-  const int64_t rows = p.B * lat.cells();
-  dispatch(p.dtype, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    if (p.neighbourhood == kMoore) backward<T, 27>(p, lat, rows);
-    else backward<T, 7>(p, lat, rows);
+  dispatch_stencil(p, [&](auto tag, auto k) {
+    backward<typename decltype(tag)::type, decltype(k)::value>(p);
   });
 }
 

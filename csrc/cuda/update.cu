@@ -24,8 +24,9 @@ __device__ void fill_fire_mask(bool* fire, int64_t row0, int64_t rows, int64_t b
   }
 }
 
-// x_new = x + m * (delta + b_out); delta is the GEMM's accumulator-precision output, so the
-// bias is added before the single rounding to T.
+// x_new = where(m, x + (delta + b_out), x); delta is the GEMM's accumulator-precision output,
+// so the bias and the residual are added before the single rounding to T, and a cell that does
+// not fire keeps x bit for bit (copied, not converted).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 update_epilogue_kernel(const T* __restrict__ x, const acc_t<T>* __restrict__ delta,
@@ -43,13 +44,15 @@ update_epilogue_kernel(const T* __restrict__ x, const acc_t<T>* __restrict__ del
   const A bias = load(b_out + c);
   for (int r = threadIdx.y; r < kTileRows && row0 + r < rows; r += kBlockRows) {
     const int64_t i = (row0 + r) * C + c;
-    A v = load(x + i);
-    if (fire[r]) v += __ldg(delta + i) + bias;
-    store(x_new + i, v);
+    if (fire[r]) {
+      store(x_new + i, load(x + i) + (__ldg(delta + i) + bias));
+    } else {
+      x_new[i] = x[i];
+    }
   }
 }
 
-// d_delta = m * grad (when d_delta is given) and this tile's share of db_out = sum d_delta,
+// d_delta = where(m, grad, 0) (when d_delta is given) and this tile's share of db_out = sum d_delta,
 // written to partial[tile, C]; no float atomics.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)

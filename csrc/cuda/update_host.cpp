@@ -13,6 +13,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "../below_op.h"
 #include "../checks.h"
 #include "host.h"
 #include "launch.h"
@@ -40,6 +41,8 @@ at::Tensor update_cuda(const at::Tensor& x_in, const at::Tensor& h_in, const at:
                        const at::Tensor& b_out_in, int64_t seed, int64_t step, double fire_rate) {
   const UpdateArgs a = check_update("cube::update", x_in, "x", h_in, w_out_in, &b_out_in, seed,
                                     step, fire_rate);
+  const AtenBelowTheOp below;
+  const FullFp32Gemms fp32;
   const at::Tensor x = x_in.contiguous(), h = h_in.contiguous();
   const at::Tensor w_out = w_out_in.contiguous(), b_out = b_out_in.contiguous();
 
@@ -57,7 +60,7 @@ at::Tensor update_cuda(const at::Tensor& x_in, const at::Tensor& h_in, const at:
   return x_new;
 }
 
-// d_delta = m * grad; dh = d_delta @ w_out^T and dw_out = h^T @ d_delta by cuBLAS (which is
+// d_delta = where(m, grad, 0); dh = d_delta @ w_out^T and dw_out = h^T @ d_delta by cuBLAS (which is
 // run-to-run deterministic: no atomics unless asked for; dw_out is produced in fp32 so its long
 // reduction over all cells never rounds to bf16/fp16 on the way); db_out by the kernel's
 // two-stage tile sums.
@@ -66,6 +69,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> update_backward_cuda(
     int64_t step, double fire_rate) {
   const UpdateArgs a = check_update("cube::update_backward", grad_in, "grad", h_in, w_out_in,
                                     nullptr, seed, step, fire_rate);
+  const AtenBelowTheOp below;
+  const FullFp32Gemms fp32;
   const at::Tensor grad = grad_in.contiguous(), h = h_in.contiguous();
   const at::Tensor w_out = w_out_in.contiguous();
   const int64_t rows = a.B * a.N, C = a.C, F = a.F;
