@@ -3,6 +3,8 @@ dtype and the deterministic second stage of the weight-gradient reductions. The 
 are every backend's (cube_kernels.ops)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -41,6 +43,33 @@ def upcast_dot(dtype: torch.dtype) -> bool:
     bf16 tiles are widened to fp32 before ``tl.dot``. That is exact: a product of two bf16
     values is representable in fp32, as on the tensor cores, which accumulate in fp32 too."""
     return INTERPRET and dtype == torch.bfloat16
+
+
+def autotune(configs: list, key: list[str]):
+    """``triton.autotune`` over ``configs``. The interpreter keeps only the first (benchmarking
+    there only costs time); ``kernel.all_configs`` lists them all for ``only_config``."""
+    def wrap(fn):
+        kernel = triton.autotune(configs=configs[:1] if INTERPRET else configs, key=key)(fn)
+        kernel.all_configs = list(configs)
+        return kernel
+    return wrap
+
+
+@contextlib.contextmanager
+def only_config(kernel, config):
+    """Run the autotuned ``kernel`` with ``config`` alone, without benchmarking: how the tests
+    hold every config against the reference in the interpreter."""
+    saved = kernel.configs, kernel.cache
+    kernel.configs, kernel.cache = [config], {}
+    try:
+        yield
+    finally:
+        kernel.configs, kernel.cache = saved
+
+
+def on_device(t: torch.Tensor):
+    """Launches go to the GPU that holds ``t``, whatever the current device is."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def check_device(t: torch.Tensor) -> None:

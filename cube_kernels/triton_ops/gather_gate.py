@@ -12,12 +12,11 @@ import triton.language as tl
 
 from ..neighbourhood import num_tokens
 from ..ops.gather_gate import GATHER_GATE
-from ._common import INTERPRET, acc_dtype, acc_torch_dtype, check_device, rows_per_partial, sum_partials
+from ._common import (acc_dtype, acc_torch_dtype, autotune, check_device, on_device, rows_per_partial,
+                      sum_partials)
 
 
 def _configs(bwd: bool):
-    if INTERPRET:  # one config: autotuning in the interpreter only costs time
-        return [triton.Config({"BLOCK_R": 128, "BLOCK_F": 16}, num_warps=4)]
     # Memory-bound stencil: wide channel blocks keep the loads coalesced; backward carries a
     # [K+1 (padded), BLOCK_F] accumulator, so it gets smaller tiles.
     blocks = [(32, 64), (64, 64), (32, 128), (64, 32)] if bwd else \
@@ -64,7 +63,7 @@ def _cell_coords(rows, D, H, W):
     return rows - cell, cell // (H * W), (cell // W) % H, cell % W
 
 
-@triton.autotune(configs=_configs(bwd=False), key=["R", "F", "K", "MOORE", "PERIODIC"])
+@autotune(_configs(bwd=False), key=["R", "F", "K", "MOORE", "PERIODIC"])
 @triton.jit
 def _gather_gate_fwd_kernel(u_ptr, vn_ptr, w_ptr, b_ptr, h_ptr, R, D, H, W, F,
                             K: tl.constexpr, MOORE: tl.constexpr, PERIODIC: tl.constexpr,
@@ -89,7 +88,7 @@ def _gather_gate_fwd_kernel(u_ptr, vn_ptr, w_ptr, b_ptr, h_ptr, R, D, H, W, F,
     tl.store(h_ptr + offs, (u * g).to(h_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_configs(bwd=True), key=["R", "F", "K", "MOORE", "PERIODIC"])
+@autotune(_configs(bwd=True), key=["R", "F", "K", "MOORE", "PERIODIC"])
 @triton.jit
 def _gather_gate_bwd_kernel(dh_ptr, u_ptr, vn_ptr, w_ptr, b_ptr, du_ptr, dvn_ptr, part_ptr,
                             R, D, H, W, F, CHUNK,
@@ -162,7 +161,8 @@ def _gather_gate_op(u: torch.Tensor, vn: torch.Tensor, w_sp: torch.Tensor, b_sp:
     if h.numel() == 0:
         return h
     grid = lambda meta: (triton.cdiv(a["R"], meta["BLOCK_R"]), triton.cdiv(a["F"], meta["BLOCK_F"]))
-    _gather_gate_fwd_kernel[grid](u, vn, w_sp, b_sp, h, **a)
+    with on_device(u):
+        _gather_gate_fwd_kernel[grid](u, vn, w_sp, b_sp, h, **a)
     return h
 
 
@@ -182,9 +182,10 @@ def _gather_gate_backward_op(grad_h: torch.Tensor, u: torch.Tensor, vn: torch.Te
     P = triton.cdiv(R, chunk)
     part = torch.empty((P, K + 1, F), dtype=acc_torch_dtype(u.dtype), device=u.device)
     grid = lambda meta: (P, triton.cdiv(F, meta["BLOCK_F"]))
-    _gather_gate_bwd_kernel[grid](grad_h, u, vn, w_sp, b_sp, du, dvn, part, CHUNK=chunk,
-                                  KP=triton.next_power_of_2(K + 1), **a)
-    dwb = sum_partials(part, u.dtype)
+    with on_device(u):
+        _gather_gate_bwd_kernel[grid](grad_h, u, vn, w_sp, b_sp, du, dvn, part, CHUNK=chunk,
+                                      KP=triton.next_power_of_2(K + 1), **a)
+        dwb = sum_partials(part, u.dtype)
     return du, dvn, dwb[:K].clone(), dwb[K].clone()
 
 
