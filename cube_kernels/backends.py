@@ -1,6 +1,7 @@
 """Which implementation runs a lattice step: ``auto``, ``reference``, ``cpu``, ``cuda`` or ``triton``.
 
-``CUBE_BACKEND`` in the environment overrides the choice made in code."""
+``CUBE_BACKEND`` in the environment decides what ``auto`` means; a backend named in code wins
+over it."""
 from __future__ import annotations
 
 import os
@@ -16,16 +17,20 @@ ENV_VAR = "CUBE_BACKEND"
 
 def _triton_ok(device: torch.device) -> bool:
     from . import triton_ops
-    return triton_ops.available() and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+    return triton_ops.available() and (device.type == "cuda" or triton_ops.interpreting())
 
 
 def resolve(backend: str, device: torch.device | str) -> str:
     """The concrete backend for tensors on ``device``; an unavailable explicit choice is an error."""
     device = torch.device(device)
-    name = os.environ.get(ENV_VAR) or backend
-    source = f"{ENV_VAR}={name!r}" if os.environ.get(ENV_VAR) else f"backend={name!r}"
-    if name not in BACKENDS:
-        raise ValueError(f"{source}: expected one of {BACKENDS}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    name, source = backend, f"backend={backend!r}"
+    if backend == "auto" and os.environ.get(ENV_VAR):
+        name = os.environ[ENV_VAR]
+        source = f"{ENV_VAR}={name!r}"
+        if name not in BACKENDS:
+            raise ValueError(f"{source}: expected one of {BACKENDS}")
     if name == "auto":
         if device.type == "cuda":
             if _extension.load() and _extension.has_cuda():
@@ -39,8 +44,10 @@ def resolve(backend: str, device: torch.device | str) -> str:
         raise RuntimeError(f"{source} needs CUDA tensors and cube_kernels._C built with CUDA "
                            f"(tensors are on {device}; build with: FORCE_CUDA=1 pip install --no-build-isolation .)")
     if name == "triton" and not _triton_ok(device):
-        raise RuntimeError(f"{source} needs triton and CUDA tensors (or TRITON_INTERPRET=1); "
-                           f"tensors are on {device}")
+        from . import triton_ops
+        why = triton_ops.unavailable_reason() or f"tensors are on {device}"
+        raise RuntimeError(f"{source} needs triton >= 3.4 and CUDA tensors (or TRITON_INTERPRET=1 "
+                           f"on CPU tensors): {why}")
     return name
 
 

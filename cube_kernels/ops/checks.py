@@ -21,20 +21,20 @@ SEED_BOUND = 2**63  # seeds are int64 in the ops' schemas and in Philox's key
 
 
 def check_tensor(name: str, t, ndim: int, like: torch.Tensor | None = None,
-                 like_name: str | None = None) -> None:
-    """``t`` is a floating tensor with ``ndim`` dimensions, of ``like``'s dtype and device."""
+                 like_name: str | None = None, same_dtype: bool = True) -> None:
+    """``t`` is a floating tensor with ``ndim`` dimensions, on ``like``'s device and (with
+    ``same_dtype``) of its dtype."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
-    if like is None:
+    if like is None or not same_dtype:
         if t.dtype not in DTYPES:
             raise TypeError(f"{name} must be one of {DTYPES}, got {t.dtype}")
-        return
-    if t.dtype != like.dtype:
+    elif t.dtype != like.dtype:
         raise TypeError(f"{name} has dtype {t.dtype} but {like_name} has {like.dtype} "
                         "(all tensors of one call share a dtype)")
-    if t.device != like.device:
+    if like is not None and t.device != like.device:
         raise ValueError(f"{name} is on {t.device} but {like_name} is on {like.device}")
 
 

@@ -5,6 +5,7 @@ gradient), in the namespace ``cube`` (the C++ CPU and CUDA kernels, schemas in c
 and, for gather_gate and update, ``cube_triton`` (the Triton kernels). ``FusedOp`` holds what
 all of them share (the input checks, the fake kernels for torch.compile, what backward saves
 and how it calls the backward op) and ``FusedOp.register(ns)`` attaches it to one namespace.
+The backward ops are not differentiable: a double backward through them raises.
 """
 from __future__ import annotations
 
@@ -41,3 +42,19 @@ class FusedOp:
         torch.library.register_autograd(
             qualname, lambda ctx, *grads: self.backward(ctx, backward_op, *grads),
             setup_context=self.setup_context)
+        torch.library.register_autograd(f"{qualname}_backward", _no_double_backward(qualname),
+                                        setup_context=_save_nothing)
+
+
+def _save_nothing(ctx, inputs, output) -> None:
+    pass
+
+
+def _no_double_backward(qualname: str):
+    """The backward of a backward op: an error, instead of autograd's warning and second-order
+    gradients that are silently zero."""
+    def backward(ctx, *grads):
+        raise RuntimeError(f"double backward through {qualname} is not supported: its backward op "
+                           f"{qualname}_backward has no derivative. Use cube_kernels.reference (or "
+                           "CubeLattice(backend='reference')) for second-order gradients.")
+    return backward

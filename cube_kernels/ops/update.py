@@ -66,6 +66,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, backward_op, grad):
+    if not any(ctx.needs_input_grad[1:4]):  # only x: its gradient is grad itself
+        return grad, None, None, None, None, None, None
     dh, dw_out, db_out = backward_op(grad, *ctx.saved_tensors, *ctx.mask)
     return grad, dh, dw_out, db_out, None, None, None  # dx = grad: the residual
 
