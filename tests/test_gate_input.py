@@ -203,5 +203,5 @@ def test_rejects_bad_input(path, change, exc, message):
 
 
 def test_cpp_checks_behind_the_python_ones():
-    with pytest.raises(RuntimeError, match=r"proj must be \[N, 2F\]"):
+    with pytest.raises(ValueError, match=r"proj must be \[N, 2F\]"):
         torch.ops.cube.gate_input(torch.zeros(4, 9), torch.zeros(9), torch.ones(4), torch.zeros(4))

@@ -10,6 +10,7 @@ import harness
 from cube_kernels import reference
 
 NAMES = ("u", "vn", "w_sp", "b_sp")
+MEDIUM = harness.Lattice(2, 3, 4, 5)
 
 
 @pytest.mark.parametrize("neighbourhood,boundary", harness.STENCILS)
@@ -18,7 +19,7 @@ NAMES = ("u", "vn", "w_sp", "b_sp")
 def test_matches_reference(backend, dtype, lattice, neighbourhood, boundary):
     fast_in, ref_in = harness.leaves(harness.gather_gate_inputs(lattice, harness.F_, neighbourhood),
                                      dtype, harness.device(backend))
-    harness.check_op(harness.ops(backend).gather_gate, reference.gather_gate, fast_in, ref_in,
+    harness.check_op(backend, harness.ops(backend).gather_gate, reference.gather_gate, fast_in, ref_in,
                      (neighbourhood, boundary), NAMES)
 
 
@@ -28,7 +29,7 @@ def test_matches_reference(backend, dtype, lattice, neighbourhood, boundary):
 def test_channel_tiles_and_default_lattice(backend, F, neighbourhood, boundary):
     fast_in, ref_in = harness.leaves(harness.gather_gate_inputs(harness.LARGE, F, neighbourhood),
                                      torch.float32, harness.device(backend))
-    harness.check_op(harness.ops(backend).gather_gate, reference.gather_gate, fast_in, ref_in,
+    harness.check_op(backend, harness.ops(backend).gather_gate, reference.gather_gate, fast_in, ref_in,
                      (neighbourhood, boundary), NAMES)
 
 
@@ -48,7 +49,7 @@ def test_gradcheck(backend, neighbourhood, boundary):
 def test_backward_is_deterministic(backend):
     """Weight gradients come from fixed partial sums, no atomics: two runs agree bit for bit."""
     dev = harness.device(backend)
-    u, vn, w_sp, b_sp = (t.float().to(dev) for t in harness.gather_gate_inputs(harness.SMALL[2], harness.F_, "moore"))
+    u, vn, w_sp, b_sp = harness.on(harness.gather_gate_inputs(harness.SMALL[2], harness.F_, "moore"), dev)
     grad_h = harness.randn(*u.shape, seed=5).float().to(dev)
     op = harness.ops(backend).gather_gate_backward
     first = op(grad_h, u, vn, w_sp, b_sp, "moore", "periodic")
@@ -57,16 +58,9 @@ def test_backward_is_deterministic(backend):
         assert torch.equal(a, b), f"{name} differs between two identical runs"
 
 
-@pytest.fixture
-def restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("backend", harness.backend_params(("cpu",)))
 def test_backward_independent_of_thread_count(backend, restore_threads):
-    u, vn, w_sp, b_sp = (t.float() for t in harness.gather_gate_inputs(harness.LARGE, harness.F_, "moore"))
+    u, vn, w_sp, b_sp = harness.on(harness.gather_gate_inputs(harness.LARGE, harness.F_, "moore"), "cpu")
     grad_h = harness.randn(*u.shape, seed=3).float()
     results = []
     for threads in (1, 2):
@@ -80,7 +74,7 @@ def test_backward_independent_of_thread_count(backend, restore_threads):
 def test_opcheck(backend):
     """Schema, fake kernels, autograd registration and AOT dispatch of both ops."""
     dev = harness.device(backend)
-    inputs, _ = harness.leaves(harness.gather_gate_inputs(harness.Lattice(2, 2, 3, 4), 5, "moore"),
+    inputs, _ = harness.leaves(harness.gather_gate_inputs(harness.Lattice(1, 2, 2, 3), 3, "moore"),
                                torch.float32, dev)
     ns = torch.ops.cube_triton if backend == "triton" else torch.ops.cube
     torch.library.opcheck(ns.gather_gate.default, (*inputs, "moore", "periodic"))
@@ -92,7 +86,7 @@ def test_opcheck(backend):
 @pytest.mark.parametrize("backend", harness.backend_params())
 def test_non_contiguous_inputs(backend):
     dev = harness.device(backend)
-    u, vn, w_sp, b_sp = (t.float().to(dev) for t in harness.gather_gate_inputs(harness.Lattice(2, 3, 4, 5), harness.F_, "von_neumann"))
+    u, vn, w_sp, b_sp = harness.on(harness.gather_gate_inputs(MEDIUM, harness.F_, "von_neumann"), dev)
     u_nc = torch.cat([u, u], dim=-1)[..., ::2]  # u's values at stride 2
     u_nc.copy_(u)
     vn_nc = vn.transpose(1, 3).contiguous().transpose(1, 3)  # same values, other strides
@@ -117,7 +111,7 @@ def test_empty_batch(backend):
 
 
 def _args(dev, **change):
-    u, vn, w_sp, b_sp = (t.float().to(dev) for t in harness.gather_gate_inputs(harness.Lattice(2, 3, 4, 5), harness.F_, "von_neumann"))
+    u, vn, w_sp, b_sp = harness.on(harness.gather_gate_inputs(MEDIUM, harness.F_, "von_neumann"), dev)
     args = dict(u=u, vn=vn, w_sp=w_sp, b_sp=b_sp, neighbourhood="von_neumann", boundary="zero")
     args.update({k: v(args) if callable(v) else v for k, v in change.items()})
     return args
@@ -161,6 +155,31 @@ def test_backward_rejects_bad_grad(backend):
 ])
 @pytest.mark.parametrize("backend", harness.backend_params(("cpu", "cuda")))
 def test_cpp_checks_behind_the_python_ones(backend, change, message):
-    """Direct torch.ops.cube calls skip the Python entry: csrc/checks.h still names the argument."""
-    with pytest.raises(RuntimeError, match=message):
+    """Direct torch.ops.cube calls skip the Python entry: csrc/checks.h still names the argument,
+    with the same exception types."""
+    with pytest.raises((ValueError, TypeError), match=message):
         torch.ops.cube.gather_gate(*_args(harness.device(backend), **change).values())
+
+
+@pytest.mark.parametrize("backend", harness.backend_params())
+def test_double_backward_raises(backend):
+    """Second-order gradients are not supported: asking for them is an error, not zeros."""
+    inputs, _ = harness.leaves(harness.gather_gate_inputs(harness.Lattice(1, 2, 2, 2), 3, "von_neumann"),
+                               torch.float32, harness.device(backend))
+    h = harness.ops(backend).gather_gate(*inputs, "von_neumann", "zero")
+    grads = torch.autograd.grad(h.square().sum(), inputs, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"double backward through cube(_triton)?::gather_gate is not supported"):
+        sum(g.square().sum() for g in grads).backward()
+
+
+@pytest.mark.parametrize("backend", harness.backend_params(("triton",)))
+def test_every_autotune_config_matches_reference(backend):
+    """On a GPU the autotuner may pick any config; the interpreter runs the first unless told,
+    so each config of the forward and the backward kernel is forced here in turn."""
+    from cube_kernels.triton_ops.gather_gate import _gather_gate_bwd_kernel, _gather_gate_fwd_kernel
+    lattice = harness.Lattice(1, 2, 4, 17)  # 136 rows: more than any config's row block
+    fast_in, ref_in = harness.leaves(harness.gather_gate_inputs(lattice, 40, "von_neumann"),
+                                     torch.float32, harness.device(backend))
+    for _ in harness.every_triton_config((_gather_gate_fwd_kernel, _gather_gate_bwd_kernel)):
+        harness.check_op(backend, harness.ops(backend).gather_gate, reference.gather_gate, fast_in, ref_in,
+                         ("von_neumann", "periodic"), NAMES)

@@ -12,6 +12,7 @@ from cube_kernels import reference
 from cube_kernels.philox import fire_mask
 
 NAMES = ("x", "h", "w_out", "b_out")
+MEDIUM = harness.Lattice(2, 3, 4, 5)
 SEED, STEP = 2**40 + 7, 3  # a seed with a non-zero high word keys both halves of Philox
 
 
@@ -21,7 +22,7 @@ SEED, STEP = 2**40 + 7, 3  # a seed with a non-zero high word keys both halves o
 def test_matches_reference(backend, dtype, lattice, fire_rate):
     fast_in, ref_in = harness.leaves(harness.update_inputs(lattice, harness.F_, harness.C_), dtype,
                                      harness.device(backend))
-    harness.check_op(harness.ops(backend).update, reference.update, fast_in, ref_in,
+    harness.check_op(backend, harness.ops(backend).update, reference.update, fast_in, ref_in,
                      (SEED, STEP, fire_rate), NAMES)
 
 
@@ -29,7 +30,7 @@ def test_matches_reference(backend, dtype, lattice, fire_rate):
 def test_default_lattice_matches_reference(backend):
     fast_in, ref_in = harness.leaves(harness.update_inputs(harness.LARGE, 128, 64), torch.float32,
                                      harness.device(backend))
-    harness.check_op(harness.ops(backend).update, reference.update, fast_in, ref_in,
+    harness.check_op(backend, harness.ops(backend).update, reference.update, fast_in, ref_in,
                      (SEED, STEP, 0.5), NAMES)
 
 
@@ -73,29 +74,22 @@ def test_gradcheck(backend, fire_rate):
     inputs, _ = harness.leaves(harness.update_inputs(harness.Lattice(2, 1, 2, 3), 3, 2), torch.float64,
                                harness.device(backend))
     op = harness.ops(backend).update
-    assert torch.autograd.gradcheck(lambda *t: op(*t, 11, 2, fire_rate), inputs)
+    assert torch.autograd.gradcheck(lambda *t: op(*t, 11, 2, fire_rate), inputs, fast_mode=backend == "triton")
 
 
 @pytest.mark.parametrize("backend", harness.backend_params())
 def test_backward_is_deterministic(backend):
     dev = harness.device(backend)
-    x, h, w_out, _ = (t.float().to(dev) for t in harness.update_inputs(harness.SMALL[2], harness.F_, harness.C_))
+    x, h, w_out, _ = harness.on(harness.update_inputs(harness.SMALL[2], harness.F_, harness.C_), dev)
     op = harness.ops(backend).update_backward
     first, again = op(x, h, w_out, 9, 2, 0.5), op(x, h, w_out, 9, 2, 0.5)
     for name, a, b in zip(("dh", "dw_out", "db_out"), first, again):
         assert torch.equal(a, b), f"{name} differs between two identical runs"
 
 
-@pytest.fixture
-def restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("backend", harness.backend_params(("cpu",)))
 def test_backward_independent_of_thread_count(backend, restore_threads):
-    x, h, w_out, _ = (t.float() for t in harness.update_inputs(harness.LARGE, harness.F_, harness.C_))
+    x, h, w_out, _ = harness.on(harness.update_inputs(harness.LARGE, harness.F_, harness.C_), "cpu")
     results = []
     for threads in (1, 2):
         torch.set_num_threads(threads)
@@ -118,7 +112,7 @@ def test_opcheck(backend):
 @pytest.mark.parametrize("backend", harness.backend_params())
 def test_non_contiguous_inputs(backend):
     dev = harness.device(backend)
-    x, h, w_out, b_out = (t.float().to(dev) for t in harness.update_inputs(harness.Lattice(2, 3, 4, 5), harness.F_, harness.C_))
+    x, h, w_out, b_out = harness.on(harness.update_inputs(MEDIUM, harness.F_, harness.C_), dev)
     h_nc = h.transpose(1, 3).contiguous().transpose(1, 3)
     w_nc = w_out.t().contiguous().t()
     assert not (h_nc.is_contiguous() or w_nc.is_contiguous())
@@ -140,7 +134,7 @@ def test_empty_batch(backend):
 
 
 def _args(dev, **change):
-    x, h, w_out, b_out = (t.float().to(dev) for t in harness.update_inputs(harness.Lattice(2, 3, 4, 5), harness.F_, harness.C_))
+    x, h, w_out, b_out = harness.on(harness.update_inputs(MEDIUM, harness.F_, harness.C_), dev)
     args = dict(x=x, h=h, w_out=w_out, b_out=b_out, seed=1, step=0, fire_rate=0.5)
     args.update({k: v(args) if callable(v) else v for k, v in change.items()})
     return args
@@ -190,6 +184,98 @@ def test_backward_rejects_bad_grad(backend):
 ])
 @pytest.mark.parametrize("backend", harness.backend_params(("cpu", "cuda")))
 def test_cpp_checks_behind_the_python_ones(backend, change, message):
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises((ValueError, TypeError), match=message):
         torch.ops.cube.update(*_args(harness.device(backend), **change).values())
 
+
+
+@pytest.mark.parametrize("backend", harness.backend_params())
+def test_double_backward_raises(backend):
+    (x, h, w_out, b_out), _ = harness.leaves(harness.update_inputs(harness.Lattice(1, 2, 2, 2), 3, 2),
+                                             torch.float32, harness.device(backend))
+    out = harness.ops(backend).update(x, h, w_out, b_out, 1, 0, 0.5)
+    grads = torch.autograd.grad(out.square().sum(), (h, w_out), create_graph=True)
+    with pytest.raises(RuntimeError, match=r"double backward through cube(_triton)?::update is not supported"):
+        sum(g.square().sum() for g in grads).backward()
+
+
+@pytest.mark.parametrize("backend", harness.backend_params())
+def test_cells_that_do_not_fire_keep_x_bit_for_bit(backend):
+    """SPEC: where(m, x + delta, x). Rows of h hold Inf and NaN, x holds -0.0: a cell that does
+    not fire is x exactly (not x + 0 * delta, which is NaN there and +0.0 for -0.0); a cell that
+    fires is Inf or NaN exactly where the reference is."""
+    dev, k = harness.device(backend), harness.ops(backend)
+    lattice = MEDIUM
+    x, h, w_out, b_out = harness.on(harness.update_inputs(lattice, harness.F_, harness.C_), "cpu")
+    x[..., 0] = -0.0
+    h[0, 0, :, :, 0] = float("inf")
+    h[1, 1, :, :, 1] = float("nan")
+    m = fire_mask(SEED, STEP, lattice.B, lattice.rows // lattice.B, 0.5).view(*lattice.shape, 1)
+    ref = reference.update(x, h, w_out, b_out, SEED, STEP, 0.5)
+    out = k.update(*(t.to(dev) for t in (x, h, w_out, b_out)), SEED, STEP, 0.5).cpu()
+    assert torch.equal(ref.view(torch.int32)[~m.expand_as(ref)], x.view(torch.int32)[~m.expand_as(x)])
+    assert torch.equal(out.view(torch.int32)[~m.expand_as(out)], x.view(torch.int32)[~m.expand_as(x)])
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    assert out.isnan().any() and not out[~m.expand_as(out)].isnan().any()
+
+
+@pytest.mark.parametrize("backend", harness.backend_params())
+def test_gradient_of_cells_that_do_not_fire_is_dropped(backend):
+    """d_delta = where(m, grad, 0): NaN in the gradient of cells that did not fire reaches none
+    of dh, dw_out, db_out."""
+    dev, k = harness.device(backend), harness.ops(backend)
+    lattice = MEDIUM
+    grad, h, w_out, _ = harness.on(harness.update_inputs(lattice, harness.F_, harness.C_), "cpu")
+    m = fire_mask(SEED, STEP, lattice.B, lattice.rows // lattice.B, 0.5).view(*lattice.shape, 1)
+    poisoned = torch.where(m, grad, float("nan"))
+    zeroed = torch.where(m, grad, 0.0)
+    for a, b in zip(k.update_backward(*(t.to(dev) for t in (poisoned, h, w_out)), SEED, STEP, 0.5),
+                    k.update_backward(*(t.to(dev) for t in (zeroed, h, w_out)), SEED, STEP, 0.5)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", harness.backend_params())
+def test_only_x_needs_grad_skips_the_backward_op(backend):
+    """With h, w_out and b_out frozen, dx = grad and the backward op does not run."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    dev = harness.device(backend)
+    x, h, w_out, b_out = harness.on(harness.update_inputs(harness.Lattice(1, 2, 2, 2), 3, 2), dev)
+    x.requires_grad_()
+    out = harness.ops(backend).update(x, h, w_out, b_out, 1, 0, 0.5)
+    grad = torch.randn_like(out)
+    with Calls() as calls:
+        (dx,) = torch.autograd.grad(out, x, grad)
+    assert torch.equal(dx, grad)
+    assert not any("update_backward" in n for n in calls.names), calls.names
+
+
+@pytest.mark.parametrize("backend", harness.backend_params(("cuda",)))
+def test_fp32_gemms_ignore_the_global_tf32_setting(backend, monkeypatch):
+    """SPEC's 1e-5 holds with TF32 switched on for the whole process (cuBLAS would otherwise run
+    the fp32 GEMMs with 10-bit mantissas)."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    fast_in, ref_in = harness.leaves(harness.update_inputs(harness.LARGE, 128, 64), torch.float32, "cuda")
+    harness.check_op(backend, harness.ops(backend).update, reference.update, fast_in, ref_in, (SEED, STEP, 0.5), NAMES)
+    assert torch.backends.cuda.matmul.allow_tf32  # restored after the op
+
+
+@pytest.mark.parametrize("backend", harness.backend_params(("triton",)))
+def test_every_autotune_config_matches_reference(backend):
+    """Each config of the three update kernels, forced in turn (see test_gather_gate.py)."""
+    from cube_kernels.triton_ops.update import _update_bwd_dh_kernel, _update_bwd_dw_kernel, _update_fwd_kernel
+    lattice = harness.Lattice(1, 2, 4, 33)  # 264 rows: more than any config's row block
+    fast_in, ref_in = harness.leaves(harness.update_inputs(lattice, 40, 24), torch.float32,
+                                     harness.device(backend))
+    for _ in harness.every_triton_config((_update_fwd_kernel, _update_bwd_dh_kernel, _update_bwd_dw_kernel)):
+        harness.check_op(backend, harness.ops(backend).update, reference.update, fast_in, ref_in,
+                         (SEED, STEP, 0.5), NAMES)
