@@ -42,7 +42,7 @@ ROUNDED_ONCE = "rounded once"
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: ROUNDED_ONCE,
              torch.float16: ROUNDED_ONCE}
 FP32_ACCUMULATION = 2.0**-22  # fp32 rounding, with room for the order of the sums
-STEP_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+STEP_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}  # of the scale
 
 
 class Lattice(NamedTuple):

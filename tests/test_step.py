@@ -38,19 +38,32 @@ def _run(step_fn, leaves, kw):
     return step_fn(leaves[0], dict(zip(PARAM_NAMES, leaves[1:])), **kw)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}-fire{c[3]}-alive{c[4]}")
+def _case_id(c):
+    return f"{c[0]}-{c[1]}-{c[2]}-fire{c[3]}-alive{c[4]}"
+
+
+# float32 on every case; bfloat16 and float16 (u, vn, h and the output each rounded to the
+# dtype: harness.STEP_TOLERANCE) on the Moore, periodic, half-firing one
+STEP_CASES = ([pytest.param(torch.float32, c, id=f"float32-{_case_id(c)}") for c in CASES]
+              + [pytest.param(dt, CASES[1], id=f"{str(dt)[6:]}-{_case_id(CASES[1])}")
+                 for dt in (torch.bfloat16, torch.float16)])
+
+
+@pytest.mark.parametrize("dtype,case", STEP_CASES)
 @pytest.mark.parametrize("impl", harness.step_params())
-def test_matches_reference(impl, case):
-    names, fast, ref, kw = _inputs(case, harness.device(impl.backend))
+def test_matches_reference(impl, dtype, case):
+    names, fast, ref, kw = _inputs(case, harness.device(impl.backend), dtype)
     out, out_ref = _run(impl.step, fast, kw), _run(reference.step, ref, kw)
-    harness.assert_close(out, out_ref, torch.float32, "x_new")
+    harness.assert_close(out, out_ref, dtype, "x_new", rel=harness.STEP_TOLERANCE[dtype])
     grad = harness.randn(*out.shape, seed=9)
-    grads = torch.autograd.grad(out, fast, grad.float().to(out.device))
-    grads_ref = torch.autograd.grad(out_ref, ref, grad)
+    grads = torch.autograd.grad(out, fast, grad.to(dtype).to(out.device))
+    grads_ref = torch.autograd.grad(out_ref, ref, grad.to(dtype).double())
     for name, g, g_ref in zip(names, grads, grads_ref):
-        # a gradient runs through two LayerNorm backwards: 1e-5 of the output scale is too tight
-        torch.testing.assert_close(g.cpu(), g_ref.float(), atol=2e-5, rtol=1e-4,
-                                   msg=lambda m: f"grad of {name}: {m}")
+        if dtype != torch.float32:
+            harness.assert_close(g, g_ref, dtype, f"d{name}", rel=harness.STEP_TOLERANCE[dtype])
+        else:  # a gradient runs through two LayerNorm backwards: 1e-5 of the output scale is too tight
+            torch.testing.assert_close(g.cpu(), g_ref.float(), atol=2e-5, rtol=1e-4,
+                                       msg=lambda m: f"grad of {name}: {m}")
 
 
 @pytest.mark.parametrize("neighbourhood,boundary", [("von_neumann", "zero"), ("moore", "periodic")])
@@ -75,7 +88,7 @@ def test_bf16_autocast_step_close_to_reference(impl):
     with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16):
         out = impl.step(x, params, **kw)
     assert out.dtype == torch.float32
-    torch.testing.assert_close(out, ref, atol=0.1, rtol=0.05)
+    harness.assert_close(out, ref, torch.float32, "x_new", rel=harness.STEP_TOLERANCE[torch.bfloat16])
 
 
 @pytest.mark.parametrize("backend", harness.backend_params())
@@ -261,5 +274,5 @@ def test_fp32_step_ignores_the_global_tf32_setting(impl, monkeypatch):
     if harness.device(impl.backend) != "cuda":
         pytest.skip("TF32 is a CUDA setting")
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    test_matches_reference(impl, CASES[1])
+    test_matches_reference(impl, torch.float32, CASES[1])
     assert torch.backends.cuda.matmul.allow_tf32
