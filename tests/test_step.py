@@ -66,8 +66,12 @@ def test_matches_reference(impl, dtype, case):
                                        msg=lambda m: f"grad of {name}: {m}")
 
 
-@pytest.mark.parametrize("neighbourhood,boundary", [("von_neumann", "zero"), ("moore", "periodic")])
-@pytest.mark.parametrize("impl", harness.step_params())
+# Triton's interpreter gets one stencil: the op gradchecks cover both.
+@pytest.mark.parametrize("impl,neighbourhood,boundary",
+                         [pytest.param(*p.values, stencil[0], stencil[1], marks=p.marks,
+                                       id=f"{p.id}-{stencil[0]}-{stencil[1]}")
+                          for p in harness.step_params()
+                          for stencil in [("von_neumann", "zero"), ("moore", "periodic")][:1 if p.id == "triton" else 2]])
 def test_gradcheck_float64(impl, neighbourhood, boundary):
     params = harness.random_params(3, 4, neighbourhood, dtype=torch.float64)
     x = harness.randn(1, 2, 2, 3, 3, seed=1)
@@ -187,7 +191,7 @@ def test_backward_computes_only_the_gradients_asked_for(impl):
     assert list(ln[-1]) == [True, False, False]
 
 
-@pytest.mark.parametrize("impl", harness.step_params(("cpu", "triton")))
+@pytest.mark.parametrize("impl", harness.step_params(("cpu", "cuda")))
 def test_backward_inside_autocast_stays_in_the_step_dtype(impl):
     """A float32 step's backward, run inside an autocast region, is the same float32 backward."""
     dev = harness.device(impl.backend)
@@ -237,12 +241,14 @@ def test_bad_input_is_named_alike_on_every_backend(impl):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", harness.backend_params(("cpu", "cuda")))
+@pytest.mark.parametrize("backend", harness.backend_params())
 def test_large_indices(backend):
     """Tensors of more than 2**31 elements (int64 offsets everywhere): gather_gate and update on a
     bfloat16 lattice of 2**31 + 2**21 elements per tensor, the last cells checked against the
     reference on a slab (the zero boundary makes the slab's last plane exact). Needs about
     17 GiB of (device) memory."""
+    if backend == "triton" and harness.triton_interpreting():
+        pytest.skip("2**31 elements take hours in Triton's interpreter")
     dev, k = harness.device(backend), harness.ops(backend)
     D, H, W, Fh = 4097, 64, 64, 128  # D*H*W*F = 2**31 + 2**21
     g = torch.Generator(dev).manual_seed(0)
