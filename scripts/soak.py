@@ -68,13 +68,14 @@ def main(argv=None) -> int:
     reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)
     reader.start()
     samples: dict[int, float] = {}  # step (multiple of --every) -> RSS in MiB just after it was logged
+    peaks: dict[int, float] = {}  # the same for the peak so far (VmHWM)
     final_rss, peak = None, 0.0
     while proc.poll() is None:
         step = logged_step(run / "metrics.jsonl")
         rss = rss_mib(proc.pid)
         mark = step - step % args.every
         if rss is not None and mark and mark not in samples:
-            samples[mark] = rss
+            samples[mark], peaks[mark] = rss, rss_mib(proc.pid, "VmHWM") or rss
         if step >= args.steps and rss is not None:
             final_rss = max(final_rss or 0.0, rss)  # during the final test evaluation
         peak = max(peak, rss_mib(proc.pid, "VmHWM") or 0.0)
@@ -90,10 +91,11 @@ def main(argv=None) -> int:
     after = [samples[s] for s in steps if s >= args.warmup]
     growth = max(after) / base - 1
     ok = growth <= args.limit
+    peak_by = min((s for s in steps if peaks[s] >= peak), default=None)  # None: during the final evaluation
     result = {"command": " ".join(cmd[1:]), "steps": args.steps, "every": args.every, "wall_s": round(wall, 1),
               "rss_mib": {str(s): round(samples[s], 1) for s in steps}, "baseline_step": args.warmup,
               "baseline_mib": round(base, 1), "max_after_warmup_mib": round(max(after), 1),
-              "growth": round(growth, 4), "limit": args.limit, "peak_mib": round(peak, 1),
+              "growth": round(growth, 4), "limit": args.limit, "peak_mib": round(peak, 1), "peak_by_step": peak_by,
               "final_evaluation_mib": round(final_rss, 1) if final_rss else None, "passed": ok,
               "loadavg": Path("/proc/loadavg").read_text().split()[:3]}
     Path(args.out + ".json").write_text(json.dumps(result, indent=1) + "\n")
@@ -103,7 +105,8 @@ def main(argv=None) -> int:
     print("|---" * (len(steps) + 1) + "|")
     print("| RSS MiB | " + " | ".join(f"{samples[s]:.0f}" for s in steps) + " |")
     print(f"RSS at step {args.warmup}: {base:.1f} MiB; highest after it: {max(after):.1f} MiB ({growth:+.2%}, "
-          f"limit {args.limit:+.0%}): {'pass' if ok else 'FAIL'}; peak (VmHWM) {peak:.1f} MiB; "
+          f"limit {args.limit:+.0%}): {'pass' if ok else 'FAIL'}; peak (VmHWM) {peak:.1f} MiB, reached "
+          f"{f'by step {peak_by}' if peak_by else 'in the final evaluation'}; "
           f"{args.steps} steps in {wall:.0f} s (load average {' '.join(result['loadavg'])})")
     print(f"wrote {args.out}.png and {args.out}.json")
     return 0 if ok else 1
