@@ -84,9 +84,12 @@ def main():
         version="0.1.0",
         description="Fused CPU, CUDA and Triton kernels for a 3D cellular gMLP lattice",
         python_requires=">=3.10",
-        # The kernel package from the root, the trainer from python/.
-        packages=find_packages(include=["cube_kernels", "cube_kernels.*"]) + find_packages("python"),
-        package_dir={"cube_trainer": "python/cube_trainer"},
+        # The kernel package from the root, the trainer from python/, and every YAML of configs/
+        # as the trainer's package data (cube-train --config NAME; cube_trainer.config.packaged_configs).
+        packages=find_packages(include=["cube_kernels", "cube_kernels.*"]) + find_packages("python")
+        + ["cube_trainer.configs"],
+        package_dir={"cube_trainer": "python/cube_trainer", "cube_trainer.configs": "configs"},
+        package_data={"cube_trainer.configs": ["*.yaml"]},
         ext_modules=_extensions(),
         cmdclass={"build_ext": BuildExtension},  # uses ninja when it is installed
         install_requires=[
