@@ -52,6 +52,16 @@ TORCH_LIBRARY(cube, m) {
   m.def("gate_input_backward(Tensor grad_u, Tensor grad_vn, Tensor proj, Tensor b_in, "
         "Tensor ln2_weight, Tensor ln2_bias) -> (Tensor, Tensor, Tensor, Tensor)",
         tags);
+  m.def("rollout(Tensor x, Tensor? inject, Tensor ln1_weight, Tensor ln1_bias, Tensor w_in, "
+        "Tensor b_in, Tensor ln2_weight, Tensor ln2_bias, Tensor w_sp, Tensor b_sp, "
+        "Tensor w_out, Tensor b_out, int steps, int seed, str neighbourhood, str boundary, "
+        "float fire_rate, bool all_states) -> Tensor",
+        tags);
+  m.def("rollout_backward(Tensor grad, Tensor x, Tensor outs, Tensor? inject, "
+        "Tensor ln1_weight, Tensor ln1_bias, Tensor w_in, Tensor b_in, Tensor ln2_weight, "
+        "Tensor ln2_bias, Tensor w_sp, Tensor b_sp, Tensor w_out, Tensor b_out, int seed, "
+        "str neighbourhood, str boundary, float fire_rate) -> Tensor[]",
+        tags);
   m.def("build_info() -> str", &build_info);
 }
 

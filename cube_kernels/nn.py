@@ -10,6 +10,7 @@ from torch.utils.checkpoint import checkpoint as torch_checkpoint
 from . import backends, reference
 from .neighbourhood import check_boundary, num_tokens
 from .ops.checks import check_fire_rate, check_seed, check_tensor
+from .ops.rollout import rollout as rollout_op
 from .spec import ALIVE_THRESHOLD, PARAM_NAMES, param_shapes
 from .step import check_step, fused_step
 
@@ -50,7 +51,8 @@ class CubeLattice(nn.Module):
 
     ``backend``: ``auto`` (fused CPU or CUDA kernels, Triton on a GPU without them, else the
     reference; the ``CUBE_BACKEND`` environment variable overrides that choice), ``reference``,
-    ``cpu``, ``cuda`` or ``triton``. The fused backends keep only each step's input for backward;
+    ``cpu``, ``cuda`` or ``triton``. The fused backends keep only each step's state for backward
+    (on ``cpu`` without alive masking the rollout is one ``cube::rollout`` call);
     ``checkpoint=True`` gives the reference the same memory profile with torch.utils.checkpoint.
     """
 
@@ -142,6 +144,8 @@ class CubeLattice(nn.Module):
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()))
         check_seed(seed)
+        if steps > 0 and self.alive_channel is None and backends.resolve(self.backend, x.device) == "cpu":
+            return self._rollout_op(x, steps, seed, inject, return_states)
         states = []
         for t in range(steps):
             if inject is not None:
@@ -149,6 +153,20 @@ class CubeLattice(nn.Module):
             x = self.step(x, seed=seed, step=t)
             states.append(x)
         return states if return_states else x
+
+    def _rollout_op(self, x, steps, seed, inject, return_states):
+        """The rollout as one op call (``cube::rollout``: no Python or autograd node per step),
+        computing in the autocast dtype under autocast."""
+        params = self.cell.params()
+        check_step(x, params, seed=seed, step=steps - 1, neighbourhood=self.cell.neighbourhood,
+                   boundary=self.boundary, fire_rate=self.fire_rate)
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        with torch.autocast(device_type, enabled=False):
+            outs = rollout_op(x.to(dtype), inject, params, steps, seed=seed,
+                              neighbourhood=self.cell.neighbourhood, boundary=self.boundary,
+                              fire_rate=self.fire_rate, all_states=return_states).to(x.dtype)
+        return list(outs.unbind(0)) if return_states else outs[-1]
 
     @staticmethod
     def inject(x: torch.Tensor, surface: torch.Tensor) -> torch.Tensor:

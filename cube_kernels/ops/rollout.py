@@ -1,0 +1,109 @@
+"""rollout: T lattice steps with the front-face injection in one op call, and its contract.
+
+``outs = rollout(x, inject, *params, steps, seed, neighbourhood, boundary, fire_rate,
+all_states)``: ``x_0 = inject(x)``, ``x_{t+1} = inject(step(x_t, t))`` (SPEC.md's step, its
+fire mask from ``(seed, t)``; ``inject`` ``[B, H, W, E]`` overwrites the first E channels of the
+front face, or is None), ``outs`` the T step outputs stacked ``[T, B, D, H, W, C]`` (only the last,
+``[1, ...]``, without ``all_states``). One autograd node for the whole rollout: it keeps ``x``
+and the step outputs (one state of C values per cell and step, SPEC's memory rule) and nothing
+under ``torch.no_grad()``; the backward op recomputes each step from them. No alive masking
+(``CubeLattice`` runs that per step).
+
+The parameters (SPEC order, one dtype) may differ from ``x``'s dtype: under autocast ``x`` is in
+the low precision and the parameters are the fp32 masters, cast inside the op; the backward
+computes in fp32 (float64 for float64) and rounds each gradient once, to its input's dtype.
+C++ CPU op: csrc/cpu/rollout.cpp. The reference is ``steps`` calls of ``reference.step``.
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from .. import _extension
+from ..spec import PARAM_NAMES, param_shapes
+from .checks import check_mask_args, check_rows, check_shape, check_stencil, check_tensor
+from .registry import FusedOp
+
+
+def check(x, inject, *args) -> None:
+    *params, steps, seed, neighbourhood, boundary, fire_rate, all_states = args
+    check_tensor("x", x, 5)
+    K = check_stencil(neighbourhood, boundary)
+    if len(params) != len(PARAM_NAMES):
+        raise ValueError(f"rollout takes the {len(PARAM_NAMES)} cell parameters {PARAM_NAMES}, "
+                         f"got {len(params)} tensors")
+    w_in = params[PARAM_NAMES.index("w_in")]
+    check_tensor("w_in", w_in, 2, x, "x", same_dtype=False)
+    C, F = x.shape[-1], w_in.shape[1] // 2
+    for name, p, shape in zip(PARAM_NAMES, params, param_shapes(C, F, K).values()):
+        check_tensor(name, p, len(shape), w_in, "w_in")  # the parameters share one dtype
+        check_shape(name, p, shape, f"C={C} from x, F={F} from w_in, K={K} tokens")
+    if inject is not None:
+        B, _, H, W, _ = x.shape
+        check_tensor("inject", inject, 4, x, "x", same_dtype=False)
+        if tuple(inject.shape[:3]) != (B, H, W) or not 1 <= inject.shape[3] <= C:
+            raise ValueError(f"inject must be [B, H, W, E] = [{B}, {H}, {W}, E<={C}], "
+                             f"got {tuple(inject.shape)}")
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+        raise TypeError(f"steps must be a positive int, got {steps!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    check_mask_args(seed, steps - 1, fire_rate, check_rows("x", x))
+    if not isinstance(all_states, bool):
+        raise TypeError(f"all_states must be a bool, got {all_states!r}")
+
+
+def _check_backward(grad, x, outs, inject, *args) -> None:
+    check(x, inject, *args[:-4], outs.shape[0], *args[-4:], True)
+    if tuple(outs.shape) != (outs.shape[0], *x.shape) or tuple(grad.shape) != tuple(outs.shape):
+        raise ValueError(f"outs and grad must be [T, *x.shape], got {tuple(outs.shape)} and "
+                         f"{tuple(grad.shape)} for x {tuple(x.shape)}")
+
+
+def _fake(x, inject, *args):
+    steps, all_states = args[-6], args[-1]
+    return x.new_empty((steps if all_states else 1, *x.shape))
+
+
+def _fake_backward(grad, x, outs, inject, *args):
+    params = args[:len(PARAM_NAMES)]
+    dinject = torch.empty_like(inject) if inject is not None else x.new_empty(0)
+    return [torch.empty_like(x), dinject] + [torch.empty_like(p) for p in params]
+
+
+def _setup_context(ctx, inputs, output):
+    x, inject, *params = inputs[:2 + len(PARAM_NAMES)]
+    steps, seed, neighbourhood, boundary, fire_rate, all_states = inputs[2 + len(PARAM_NAMES):]
+    if not all_states and steps > 1:
+        raise RuntimeError("cube::rollout needs all_states=True to be differentiable (its backward "
+                           "starts from every step's state)")
+    ctx.save_for_backward(x, output, inject, *params)
+    ctx.cfg = (seed, neighbourhood, boundary, fire_rate)
+
+
+def _backward(ctx, backward_op, grad):
+    x, outs, inject, *params = ctx.saved_tensors
+    dx, dinject, *dparams = backward_op(grad.contiguous(), x, outs, inject, *params, *ctx.cfg)
+    return (dx, dinject if inject is not None else None, *dparams) + (None,) * 6
+
+
+ROLLOUT = FusedOp("rollout", check, _check_backward, _fake, _fake_backward, _setup_context, _backward)
+
+if _extension.load():
+    ROLLOUT.register("cube")
+
+
+def rollout(x: torch.Tensor, inject: torch.Tensor | None, params: dict[str, torch.Tensor],
+            steps: int, *, seed: int, neighbourhood: str, boundary: str, fire_rate: float,
+            all_states: bool) -> torch.Tensor:
+    """The step outputs ``[T, B, D, H, W, C]`` (``[1, ...]``: the last only, without
+    ``all_states``; a rollout that needs gradients keeps them all either way, for backward)."""
+    _extension.require("rollout")
+    tensors = [params[n] for n in PARAM_NAMES]
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in [x, inject, *tensors])
+    args = (*tensors, steps, seed, neighbourhood, boundary, fire_rate, all_states or needs_grad)
+    check(x, inject, *args)
+    outs = torch.ops.cube.rollout(x.contiguous(), inject, *args)
+    return outs if all_states or outs.shape[0] == 1 else outs[-1:]

@@ -1,0 +1,140 @@
+"""cube::rollout (T steps with the front-face injection in one op) against the reference: forward,
+every gradient (x, inject, the ten parameters), gradcheck in float64, odd lattices, both
+neighbourhoods and boundaries, fp32 and bf16 (bf16 parameters and autocast), what it keeps for
+backward, and its input errors."""
+import pytest
+import torch
+
+import harness
+from cube_kernels import CubeLattice, reference
+from cube_kernels.ops.rollout import rollout
+from cube_kernels.spec import PARAM_NAMES
+
+pytestmark = pytest.mark.skipif(harness.unavailable("cpu") is not None,
+                                reason=str(harness.unavailable("cpu")))
+C, F = harness.C_, harness.F_
+
+
+def reference_rollout(x, inject, params, steps, *, seed, **kw):
+    """The T step outputs of the reference, each step's input injected first."""
+    outs = []
+    for t in range(steps):
+        if inject is not None:
+            x = CubeLattice.inject(x, inject)
+        x = reference.step(x, params, seed=seed, step=t, **kw)
+        outs.append(x)
+    return torch.stack(outs)
+
+
+def inputs(lattice, C, F, neighbourhood, E):
+    x = harness.randn(*lattice.shape, C, seed=1)
+    inject = harness.randn(lattice.B, lattice.H, lattice.W, E, seed=2) if E else None
+    params = harness.random_params(C, F, neighbourhood, torch.float64)
+    return x, inject, params
+
+
+def run_and_grads(x, inject, params, steps, kw, fn):
+    leaves = [x, *([inject] if inject is not None else []), *params.values()]
+    outs = fn(x, inject, params, steps, seed=7, **kw)
+    grad = harness.randn(*outs.shape, seed=3).to(outs.dtype)
+    return outs, torch.autograd.grad(outs, leaves, grad)
+
+
+@pytest.mark.parametrize("neighbourhood,boundary", harness.STENCILS)
+@pytest.mark.parametrize("dtype,lattice", harness.cases())
+@pytest.mark.parametrize("E", [0, 2])
+def test_matches_reference(dtype, lattice, neighbourhood, boundary, E):
+    """Every output state and every gradient, three steps with half the cells firing."""
+    kw = dict(neighbourhood=neighbourhood, boundary=boundary, fire_rate=0.5)
+    x, inject, params = inputs(lattice, C, F, neighbourhood, E)
+    low_x, low_inject = (None if t is None else t.to(dtype).requires_grad_() for t in (x, inject))
+    low_params = {n: p.to(dtype).requires_grad_() for n, p in params.items()}
+    exact_x, exact_inject = (None if t is None else t.detach().double().requires_grad_()
+                             for t in (low_x, low_inject))
+    exact_params = {n: p.detach().double().requires_grad_() for n, p in low_params.items()}
+    fast = lambda x, s, p, T, **k: rollout(x, s, p, T, all_states=True, **k)  # noqa: E731
+    outs, grads = run_and_grads(low_x, low_inject, low_params, 3, kw, fast)
+    outs_ref, grads_ref = run_and_grads(exact_x, exact_inject, exact_params, 3, kw, reference_rollout)
+    # bf16/fp16: each step rounds its state and intermediates, and the gradient runs back
+    # through all of them: the step tolerance per step.
+    tol = harness.STEP_TOLERANCE[dtype] * (1 if dtype == torch.float32 else 3)
+    harness.assert_close(outs, outs_ref, dtype, "states", rel=tol)
+    names = ["x"] + (["inject"] if E else []) + list(PARAM_NAMES)
+    for name, g, g_ref in zip(names, grads, grads_ref):
+        harness.assert_close(g, g_ref, dtype, f"d{name}", rel=tol)
+
+
+@pytest.mark.parametrize("neighbourhood,boundary", harness.STENCILS)
+def test_gradcheck_float64(neighbourhood, boundary):
+    x, inject, params = inputs(harness.Lattice(2, 2, 1, 3), 3, 2, neighbourhood, 1)
+    names = list(params)
+
+    def fn(x, inject, *ps):
+        return rollout(x, inject, dict(zip(names, ps)), 2, seed=4, neighbourhood=neighbourhood,
+                       boundary=boundary, fire_rate=0.7, all_states=True)
+
+    leaves = [t.requires_grad_() for t in (x, inject, *params.values())]
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6)
+
+
+def test_bf16_autocast_lattice_keeps_fp32_gradients_close():
+    """Under autocast the lattice runs the op in bf16 on fp32 master weights: the states are bf16
+    values, the weight gradients fp32 and within the bf16 step tolerance of float64."""
+    torch.manual_seed(0)
+    kw = dict(channels=C, hidden=F, neighbourhood="moore", boundary="zero", fire_rate=0.5)
+    fast = CubeLattice(2, 3, 13, backend="cpu", **kw)
+    exact = CubeLattice(2, 3, 13, backend="reference", **kw).double()
+    for p, q in zip(fast.parameters(), harness.random_params(C, F, "moore").values()):
+        p.data.copy_(q)
+    exact.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 2, 3, 13, C)
+    surface = torch.randn(2, 3, 13, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fast(x, steps=3, seed=2, inject=surface)
+    y_ref = exact(x.double(), steps=3, seed=2, inject=surface.double())
+    assert y.dtype == torch.float32 and torch.equal(y, y.bfloat16().float())
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    (y_ref * g.double()).sum().backward()
+    tol = harness.STEP_TOLERANCE[torch.bfloat16] * 3  # per step, as in test_matches_reference
+    harness.assert_close(y, y_ref, torch.float32, "states", rel=tol)
+    for (name, p), q in zip(fast.named_parameters(), exact.parameters()):
+        assert p.grad.dtype == torch.float32
+        harness.assert_close(p.grad, q.grad, torch.float32, f"d{name}", rel=tol)
+
+
+def test_saves_the_states_only_and_nothing_without_grad():
+    x, inject, params = inputs(harness.Lattice(2, 2, 3, 4), 5, 6, "von_neumann", 1)
+    params = {n: p.float().requires_grad_() for n, p in params.items()}
+    x, inject = x.float(), inject.float()
+    kw = dict(seed=1, neighbourhood="von_neumann", boundary="zero", fire_rate=0.5)
+    for grad_mode, all_states, T in ((True, False, 3), (False, False, 3), (False, True, 3)):
+        saved = []
+        with torch.set_grad_enabled(grad_mode), torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append(t) or t, lambda t: t):
+            outs = rollout(x, inject, params, T, all_states=all_states, **kw)
+        assert outs.shape == ((T if all_states else 1), *x.shape)
+        states = [t for t in saved if not any(t is p for p in params.values())]
+        if not grad_mode:
+            assert not saved
+        else:  # x, inject and the T step outputs: T + 1 states of C values per cell
+            assert sum(t.numel() for t in states) == (T + 1) * x.numel() + inject.numel()
+    last = rollout(x, inject, params, 3, all_states=False, **kw)
+    torch.testing.assert_close(last, outs[-1:], rtol=0, atol=0)
+
+
+def test_bad_input_is_named():
+    x, inject, params = inputs(harness.Lattice(1, 2, 3, 4), 5, 6, "von_neumann", 1)
+    kw = dict(seed=1, neighbourhood="von_neumann", boundary="zero", fire_rate=1.0, all_states=True)
+    with pytest.raises(ValueError, match="inject must be"):
+        rollout(x, inject[:, :2], params, 2, **kw)
+    with pytest.raises(ValueError, match="steps must be"):
+        rollout(x, inject, params, 0, **kw)
+    with pytest.raises(TypeError, match="w_out has dtype"):
+        rollout(x, inject, dict(params, w_out=params["w_out"].float()), 2, **kw)
+    with pytest.raises(ValueError, match="w_sp must have shape"):
+        rollout(x, inject, dict(params, w_sp=params["w_sp"][:3]), 2, **kw)
+    with pytest.raises(ValueError, match="neighbourhood"):
+        rollout(x, inject, params, 2, **dict(kw, neighbourhood="hex"))
+    with pytest.raises(ValueError, match="inject must be"):  # the C++ check, behind the Python one
+        torch.ops.cube.rollout(x, inject[:, :2], *params.values(), 2, 1, "von_neumann", "zero", 1.0, True)
