@@ -16,6 +16,7 @@
 #include <vector>
 
 #include <ATen/OpMathType.h>
+#include <ATen/native/CPUBlas.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
@@ -117,6 +118,18 @@ at::Tensor injected(const at::Tensor& x, const c10::optional<at::Tensor>& inject
   return out;
 }
 
+// y @ w_in. For bf16/fp16 on a CPU whose oneDNN micro-kernels have no native GEMM of that dtype
+// (no AVX512-BF16 / AMX: cpublas::could_pack says so) ATen's low-precision mm is two orders of
+// magnitude slower than its fp32 one (bench: the GEMM ceiling), so the GEMM runs in fp32 on the
+// widened operands and is rounded once to the step's dtype, what a native GEMM with fp32
+// accumulation gives.
+at::Tensor in_projection(const at::Tensor& y, const at::Tensor& w_in) {
+  const at::ScalarType dtype = y.scalar_type();
+  if (dtype == at::kFloat || dtype == at::kDouble || at::native::cpublas::could_pack(dtype))
+    return at::mm(y, w_in);
+  return at::mm(y.to(at::kFloat), w_in.to(at::kFloat)).to(dtype);
+}
+
 // u, vn (and what the backward of the in-projection needs) from the state x.
 struct CellInput {
   at::Tensor y, mean, rstd, proj, u, vn;
@@ -128,7 +141,7 @@ CellInput cell_input(const at::Tensor& x, const Params& p) {
   CellInput c;
   std::tie(c.y, c.mean, c.rstd) = at::native_layer_norm(x.reshape({-1, C}), {C}, p[kLn1W],
                                                         p[kLn1B], kLayerNormEps);
-  c.proj = at::mm(c.y, p[kWIn]);
+  c.proj = in_projection(c.y, p[kWIn]);
   std::tie(c.u, c.vn) = ops.gate_input.call(c.proj, p[kBIn], p[kLn2W], p[kLn2B]);
   auto cells = x.sizes().vec();
   cells.back() = p[kWIn].size(1) / 2;
