@@ -115,6 +115,19 @@ class Fused(Impl):
         return rollout
 
 
+class FusedRollout(Fused):
+    """Our whole-rollout op (``cube::rollout``: the T steps in one call, one autograd node), what
+    ``CubeLattice`` runs on the CPU backend."""
+
+    def rollout_fn(self, cfg):
+        from cube_kernels.ops.rollout import rollout as rollout_op
+        kw = _step_kwargs(cfg)
+
+        def rollout(x, params):
+            return rollout_op(x, None, params, cfg.steps, seed=cfg.seed, all_states=False, **kw)[-1]
+        return rollout
+
+
 class Eager(Impl):
     """``cube_kernels.reference.rollout``: the SPEC in plain PyTorch."""
 
@@ -181,6 +194,7 @@ class Jax(Impl):
 
 IMPLS = {
     "cpu": Fused("cpu", "fused CPU kernels (ours)", ours=True),
+    "cpu_rollout": FusedRollout("cpu", "fused CPU rollout op (ours)", ours=True),
     "cuda": Fused("cuda", "fused CUDA kernels (ours)", device="cuda", ours=True),
     "triton": Fused("triton", "fused Triton kernels (ours)", device="cuda", ours=True),
     "eager": Eager("eager", "PyTorch eager reference"),

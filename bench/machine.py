@@ -6,6 +6,7 @@ import importlib.metadata
 import os
 import platform
 import subprocess
+import time
 
 import torch
 
@@ -47,6 +48,31 @@ def load_average() -> float | None:
         return os.getloadavg()[0]
     except OSError:
         return None
+
+
+def quiet_load(cores: int | None) -> float:
+    """The 1-min load average below which nothing else is taken to run: half a core per core."""
+    return 0.5 * (cores or 1)
+
+
+def wait_for_quiet(max_wait_s: float, cores: int | None, poll_s: float = 10.0) -> dict:
+    """Wait (at most ``max_wait_s``) until the 1-min load average is below ``quiet_load``.
+    Returns the load seen first and last, the seconds waited and whether it became quiet."""
+    limit = quiet_load(cores)
+    first = load = load_average()
+    start = time.monotonic()
+    while load is not None and load > limit and time.monotonic() - start + poll_s <= max_wait_s:
+        time.sleep(poll_s)
+        load = load_average()
+    return {"load_first": first, "load": load, "waited_s": round(time.monotonic() - start, 1),
+            "limit": limit, "quiet": load is not None and load <= limit}
+
+
+def under_load(start: dict, load_end: float | None, cores: int | None) -> bool:
+    """Whether a run's timings are not the code's: the machine was busy when it started, or the
+    load at its end exceeds what the benchmark itself adds (one runnable thread per core)."""
+    limit = quiet_load(cores)
+    return not start["quiet"] or (load_end is not None and load_end > (cores or 1) + limit)
 
 
 def mem_total_bytes() -> int | None:

@@ -1,7 +1,8 @@
 """Side-by-side benchmark of every way to run the lattice, in one command.
 
     python -m bench --quick        # batch-8 comparison + GEMM ceiling (a few minutes)
-    python -m bench                # + batch scaling 1..64 and the 32x32x32 lattice
+    python -m bench                # + batch scaling 1..64, the 64x64x64 lattice, the default
+                                   #   trainer model (one question's latency, training samples/s)
 
 Each (implementation, config) runs in a fresh ``bench.worker`` process; results go to
 ``bench/results/`` (JSON, CSV, markdown, PNG) and the README's performance section.
@@ -27,10 +28,13 @@ from . import impls, machine, report
 from .config import DTYPES, Config
 from .worker import RESULT_PREFIX
 
-DEFAULT_BACKENDS = ("cpu", "cuda", "triton", "eager", "eager_ckpt", "compile", "pyg", "jax")
+DEFAULT_BACKENDS = ("cpu_rollout", "cpu", "cuda", "triton", "eager", "eager_ckpt", "compile", "pyg", "jax")
 GPU_BASELINES = ("eager@cuda", "compile@cuda", "pyg@cuda")
 # torch.compile is left out by default: every batch size is a fresh process and a recompile.
-SCALING_BACKENDS = ("cpu", "cuda", "triton", "eager")
+SCALING_BACKENDS = ("cpu_rollout", "cpu", "cuda", "triton", "eager")
+# The default trainer model (configs/default.yaml): one question's latency and training samples/s.
+TRAINER_CONFIG = os.path.join(machine.ROOT, "configs", "default.yaml")
+TRAINER_BACKENDS = ("cpu_rollout", "cpu", "eager", "compile")
 SCALING_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 # Keep a batch only if twice the previous batch's peak fits in this share of the free memory.
 MEMORY_HEADROOM = 0.7
@@ -59,8 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=lambda s: [int(v) for v in parse_list(s)], default=list(SCALING_BATCHES),
                    help="batch sizes of the scaling run (CUDA continues doubling to the memory limit)")
     p.add_argument("--lattice", type=parse_lattice, default=(11, 15, 15), help="D x H x W (default 11x15x15)")
-    p.add_argument("--large", type=parse_lattice, default=(32, 32, 32), help="the large lattice (full run)")
+    p.add_argument("--large", type=parse_lattice, default=(64, 64, 64), help="the large lattice (full run)")
     p.add_argument("--large-batch", type=int, default=1)
+    p.add_argument("--large-channels", type=int, default=16, help="C of the large lattice")
+    p.add_argument("--large-hidden", type=int, default=32, help="F of the large lattice")
+    p.add_argument("--max-wait", type=float, default=300,
+                   help="seconds to wait at the start for a quiet machine (1-min load average at most "
+                        "half a core per core); a run on a busy machine is marked as measured under load")
+    p.add_argument("--force-readme", action="store_true",
+                   help="regenerate the README section even from a run measured under load")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--channels", type=int, default=64)
@@ -199,6 +210,54 @@ def progress(row: dict, what: str):
           f"{err_s}", flush=True)
 
 
+def wait_for_quiet(max_wait_s: float, cores: int | None) -> dict:
+    """Wait (bounded) for other work to end before timing anything, and say what was seen."""
+    limit = machine.quiet_load(cores)
+    load = machine.load_average()
+    if load is not None and load > limit and max_wait_s > 0:
+        print(f"1-min load average {load:.1f} > {limit:.1f}: waiting up to {max_wait_s:.0f} s for a "
+              "quiet machine", flush=True)
+    quiet = machine.wait_for_quiet(max_wait_s, cores)
+    if not quiet["quiet"]:
+        print(f"warning: 1-min load average is {quiet['load'] or 0:.1f} on {cores} cores after "
+              f"{quiet['waited_s']:.0f} s; other work is running: these timings are marked as measured "
+              "under load", flush=True)
+    return quiet
+
+
+def trainer_config() -> tuple[Config, int]:
+    """The lattice of the default trainer model and its training batch (one sample more: the
+    trainer adds one empty-surface sample per batch)."""
+    import yaml
+    with open(TRAINER_CONFIG) as f:
+        c = yaml.safe_load(f)
+    m = c["model"]
+    cfg = Config(depth=m["depth"], height=m["height"], width=m["width"], channels=m["channels"],
+                 hidden=m["hidden"], steps=m["steps"], batch=1)
+    return cfg, c["train"]["batch_size"] + 1
+
+
+def run_trainer_model(results: dict, base_job: dict, timeout: float) -> None:
+    """The default trainer model's lattice: one question's latency (batch 1, no autograd) and
+    training samples/s (a training batch, forward and backward)."""
+    cfg, batch = trainer_config()
+    print(f"trainer model, one question (no grad): {report._config_line(cfg.to_dict())}", flush=True)
+    for key in TRAINER_BACKENDS:
+        row = run_worker({**base_job, "kind": "latency", "impl": key, "config": cfg.to_dict(),
+                          "repeats": max(20, base_job["repeats"])}, timeout)
+        results["inference"].append(row)
+        lat = row.get("latency")
+        print(f"  {impls.get(key).label:<40} "
+              + (f"{lat['median'] * 1e3:8.2f} ms" if lat else f"{row.get('status')}: {row.get('reason')}"),
+              flush=True)
+    train = cfg.with_(batch=batch)
+    print(f"trainer model, training batch: {report._config_line(train.to_dict())}", flush=True)
+    for key in TRAINER_BACKENDS:
+        row = run_worker({**base_job, "impl": key, "config": train.to_dict()}, timeout)
+        results["trainer"].append(row)
+        progress(row, impls.get(key).label)
+
+
 def command_line(argv: list[str]) -> str:
     return "python -m bench" + "".join(" " + shlex.quote(a) for a in argv)
 
@@ -220,12 +279,12 @@ def main(argv=None) -> int:
     base_job = {"warmup": warmup, "repeats": repeats, "threads": args.threads}
     m = machine.describe()
     print(f"machine: {machine.summary_line(m)}")
-    if m["load_average_1min"] is not None and m["load_average_1min"] > 0.5 * (m["cores"] or 1):
-        print(f"warning: 1-min load average is {m['load_average_1min']:.1f} on {m['cores']} cores; "
-              f"other work is running and the timings will be noisy", flush=True)
+    quiet = wait_for_quiet(args.max_wait, m["cores"])
+    m["load_average_1min"] = quiet["load"]
     results = {"schema": 1, "command": command_line(argv), "mode": "quick" if args.quick else "full",
                "machine": m, "config": cfg.to_dict(), "warmup": warmup, "repeats": repeats,
-               "gemm": [], "comparison": [], "scaling": [], "large": []}
+               "gemm": [], "comparison": [], "scaling": [], "large": [], "inference": [], "trainer": [],
+               "quiet": quiet}
     start = time.perf_counter()
 
     print("GEMM ceiling (torch.mm):", flush=True)
@@ -289,7 +348,8 @@ def main(argv=None) -> int:
                 if not batches and impl.device == "cuda" and b < 4096:
                     batches.append(2 * b)
         LD, LH, LW = args.large
-        large = cfg.with_(depth=LD, height=LH, width=LW, batch=args.large_batch)
+        large = cfg.with_(depth=LD, height=LH, width=LW, batch=args.large_batch,
+                          channels=args.large_channels, hidden=args.large_hidden)
         print(f"large lattice: {report._config_line(large.to_dict())}", flush=True)
         for key in args.backends:
             row = run_worker({**base_job, "impl": key, "config": large.to_dict(),
@@ -297,9 +357,18 @@ def main(argv=None) -> int:
             results["large"].append(row)
             progress(row, impls.get(key).label)
 
+        run_trainer_model(results, base_job, args.timeout)
+
     results["elapsed_s"] = time.perf_counter() - start
     results["machine"]["load_average_1min_end"] = machine.load_average()
-    readme_ok = report.write_all(results, args.out, None if args.no_readme else args.readme)
+    results["under_load"] = machine.under_load(quiet, results["machine"]["load_average_1min_end"], m["cores"])
+    readme = None if args.no_readme else args.readme
+    if results["under_load"] and readme and not args.force_readme:
+        print(f"measured under load (1-min load average {quiet['load'] or 0:.1f} at the start, "
+              f"{results['machine']['load_average_1min_end'] or 0:.1f} at the end): the README is left as it is "
+              "(--force-readme writes it anyway, marked)", flush=True)
+        readme = None
+    readme_ok = report.write_all(results, args.out, readme)
     print()
     print(report.comparison_table(results["comparison"]))
     print()

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from . import flops, memory, report, worker
+from . import flops, machine, memory, report, worker
 from .config import Config
 
 TINY = dict(depth=2, height=3, width=5, batch=2, steps=2)
@@ -146,14 +146,18 @@ def test_targets_are_evaluated_for_ours():
                 "config": Config().to_dict(), "peak_memory_bytes": mem, "check": {"ok": True},
                 "time": {p: {"median": t, "q1": t, "q3": t} for p in report.PHASES}}
     results = {"gemm": [{"status": "ok", "device": "cpu", "dtypes": {"float32": {"peak_flops": 1e11}}}],
-               "comparison": [row("cpu", 1.0, 100, ours=True), row("eager", 4.0, 500), row("compile", 1.4, 300)]}
-    t = {c["target"]: c for c in report.finalize(results)["targets"]["checked"]}
+               "comparison": [row("cpu_rollout", 1.0, 70, ours=True), row("cpu", 2.0, 100, ours=True),
+                              row("eager", 4.0, 500), row("compile", 1.4, 300)]}
+    targets = report.finalize(results)["targets"]
+    assert targets["implementation"] == "cpu_rollout"  # the rollout op, what CubeLattice runs
+    t = {c["target"]: c for c in targets["checked"]}
     assert t["speedup_vs_eager"]["pass"] and t["speedup_vs_eager"]["value"] == pytest.approx(4.0)
     assert not t["speedup_vs_compile"]["pass"]
-    assert t["memory_vs_eager"]["pass"] and t["memory_vs_eager"]["value"] == pytest.approx(0.2)
+    assert t["memory_vs_eager"]["pass"] and t["memory_vs_eager"]["value"] == pytest.approx(0.14)
+    assert t["backward_vs_forward"]["pass"] and t["backward_vs_forward"]["value"] == pytest.approx(1.0)
     work = flops.rollout(64, 128, 7, 2475, 8, 12).forward_backward
     assert t["fp32_gemm_fraction"]["value"] == pytest.approx(work / 1e11)
-    assert not results["targets"]["all_pass"]
+    assert not targets["all_pass"]
 
 
 def test_interleaved_workers_return_rows_in_job_order():
@@ -168,3 +172,21 @@ def test_interleaved_workers_return_rows_in_job_order():
         assert rows[0]["status"] == "skipped" and "CUDA" in rows[0]["reason"]
     assert rows[1]["status"] == "ok" and rows[1]["impl"] == "eager" and rows[1]["check"]["ok"]
     assert len(rows[1]["time"]["forward_backward"]["all"]) == 2
+
+
+def test_a_busy_machine_marks_the_run_as_measured_under_load(monkeypatch):
+    loads = iter([3.0, 2.5, 0.4])
+    monkeypatch.setattr(machine, "load_average", lambda: next(loads))
+    monkeypatch.setattr(machine.time, "sleep", lambda s: None)
+    quiet = machine.wait_for_quiet(max_wait_s=60, cores=2, poll_s=0)
+    assert quiet["quiet"] and quiet["load_first"] == 3.0 and quiet["load"] == 0.4
+    assert not machine.under_load(quiet, load_end=2.5, cores=2)  # the benchmark's own two threads
+    assert machine.under_load(quiet, load_end=3.5, cores=2)  # something else joined
+    monkeypatch.setattr(machine, "load_average", lambda: 3.0)
+    busy = machine.wait_for_quiet(max_wait_s=0, cores=2)
+    assert not busy["quiet"] and machine.under_load(busy, load_end=1.0, cores=2)
+    results = {"command": "python -m bench", "config": Config().to_dict(), "repeats": 1, "warmup": 0,
+               "machine": {"cpu": "x", "cores": 2, "torch_threads": 2, "torch_cpu_capability": "AVX2",
+                           "memory_bytes": 0, "versions": {"torch": "2"}, "python": "3", "date": "d"},
+               "comparison": [], "under_load": True}
+    assert report.markdown(report.finalize(results)).startswith("**Measured under load**")

@@ -151,6 +151,29 @@ def run_rollout(job: dict) -> dict:
     return m.finish()
 
 
+def run_latency(job: dict) -> dict:
+    """One forward rollout without autograd (``torch.no_grad``), timed ``job["repeats"]`` times:
+    the latency of answering one question."""
+    impl, cfg = impls.get(job["impl"]), Config(**job["config"])
+    row = {"impl": job["impl"], "label": impl.label, "ours": impl.ours, "device": impl.device,
+           "config": cfg.to_dict(), "tokens": cfg.tokens, "threads": torch.get_num_threads()}
+    reason = impl.unavailable(cfg)
+    if reason:
+        return {**row, "status": "skipped", "reason": reason}
+    torch.manual_seed(cfg.seed)
+    params, x, _ = make_inputs(cfg)
+    rollout = impl.rollout_fn(cfg)
+    times = []
+    with torch.no_grad():
+        for i in range(job["warmup"] + job["repeats"]):
+            t0 = time.perf_counter()
+            rollout(x, params)
+            impls.sync(impl.device)
+            if i >= job["warmup"]:
+                times.append(time.perf_counter() - t0)
+    return {**row, "status": "ok", "latency": summary(times)}
+
+
 def run_gemm(job: dict) -> dict:
     return {"status": "ok", **gemm.measure(**job["gemm"])}
 
@@ -200,7 +223,8 @@ def main(argv=None):
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
     try:
-        result = run_gemm(job) if job.get("kind") == "gemm" else run_rollout(job)
+        run = {"gemm": run_gemm, "latency": run_latency}.get(job.get("kind"), run_rollout)
+        result = run(job)
     except Exception as e:  # reported in the table instead of stopping the whole run
         result = _error(job, e)
     _reply(result)
