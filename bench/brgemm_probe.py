@@ -12,11 +12,11 @@ it has a native micro-kernel for it (AMX / AVX512-BF16 for bf16).
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 from . import flops
+from .op_profile import cpu_ms
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -57,16 +57,6 @@ bool could_pack(at::ScalarType dtype) { return at::native::cpublas::could_pack(d
 """
 
 
-def cpu_s(fn, repeats: int = 10) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.thread_time()
-        fn()
-        best = min(best, time.thread_time() - t0)
-    return best
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.brgemm_probe", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,7 +78,7 @@ def main(argv=None) -> int:
         a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
         want = a.float() @ b.float()
         work = flops.matmul(m, k, n)
-        row = {"torch.mm whole": work / cpu_s(lambda: torch.mm(a, b)) / 1e9}
+        row = {"torch.mm whole": work / cpu_ms(lambda: torch.mm(a, b), 10) / 1e6}
         out = torch.empty(m, n)
         packed = torch.empty(k * n, dtype=dtype) if packs else torch.empty(0, dtype=dtype)
         for tile in (int(t) for t in args.tiles.split(",")):
@@ -98,9 +88,9 @@ def main(argv=None) -> int:
                 print(f"{name}: brgemm unavailable: {e}")
                 return 1
             torch.testing.assert_close(out, want, rtol=1e-2, atol=1e-2)
-            row[f"brgemm tile {tile}"] = work / cpu_s(lambda: ext.brgemm(a, b, out, tile, packed)) / 1e9
+            row[f"brgemm tile {tile}"] = work / cpu_ms(lambda: ext.brgemm(a, b, out, tile, packed), 10) / 1e6
             if dtype == torch.float32:
-                row[f"mm_out tile {tile}"] = work / cpu_s(lambda: ext.tiles_mm(a, b, out, tile)) / 1e9
+                row[f"mm_out tile {tile}"] = work / cpu_ms(lambda: ext.tiles_mm(a, b, out, tile), 10) / 1e6
         print(f"{name}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()), flush=True)
     return 0
 
