@@ -136,5 +136,8 @@ def test_bad_input_is_named():
         rollout(x, inject, dict(params, w_sp=params["w_sp"][:3]), 2, **kw)
     with pytest.raises(ValueError, match="neighbourhood"):
         rollout(x, inject, params, 2, **dict(kw, neighbourhood="hex"))
-    with pytest.raises(ValueError, match="inject must be"):  # the C++ check, behind the Python one
+    # the C++ checks, behind the Python ones
+    with pytest.raises(ValueError, match="inject must be"):
         torch.ops.cube.rollout(x, inject[:, :2], *params.values(), 2, 1, "von_neumann", "zero", 1.0, True)
+    with pytest.raises(TypeError, match="x must be float32"):
+        torch.ops.cube.rollout(x.long(), inject, *params.values(), 2, 1, "von_neumann", "zero", 1.0, True)

@@ -81,7 +81,7 @@ struct Config {
 // with 1 <= E <= C (or undefined), the ten parameters of one dtype with SPEC's shapes.
 void check_rollout(const char* op, const at::Tensor& x, const c10::optional<at::Tensor>& inject,
                    const Params& p, const Config& cfg) {
-  TORCH_CHECK_VALUE(x.defined() && x.dim() == 5, op, ": x must be a [B, D, H, W, C] tensor");
+  check_tensor(op, x, "x", 5, x, "x");
   check_rows(op, x, "x");
   const int K = num_tokens(parse_neighbourhood(op, cfg.neighbourhood));
   parse_boundary(op, cfg.boundary);
@@ -104,8 +104,11 @@ void check_rollout(const char* op, const at::Tensor& x, const c10::optional<at::
   }
   if (inject.has_value() && inject->defined()) {
     const at::Tensor& s = *inject;
-    TORCH_CHECK_VALUE(s.dim() == 4 && s.size(0) == x.size(0) && s.size(1) == x.size(2) &&
-                          s.size(2) == x.size(3) && s.size(3) >= 1 && s.size(3) <= C,
+    check_tensor(op, s, "inject", 4, s, "inject");
+    TORCH_CHECK_VALUE(s.device() == x.device(), op, ": inject is on ", s.device(), " but x is on ",
+                      x.device());
+    TORCH_CHECK_VALUE(s.size(0) == x.size(0) && s.size(1) == x.size(2) && s.size(2) == x.size(3) &&
+                          s.size(3) >= 1 && s.size(3) <= C,
                       op, ": inject must be [B, H, W, E] with E <= C = ", C, ", got ", s.sizes());
   }
 }
