@@ -103,19 +103,21 @@ def test_bf16_autocast_lattice_keeps_fp32_gradients_close():
         harness.assert_close(p.grad, q.grad, torch.float32, f"d{name}", rel=tol)
 
 
-def test_saves_the_states_only_and_nothing_without_grad():
+def test_saves_the_states_only_and_nothing_without_grad_or_in_inference_mode():
     x, inject, params = inputs(harness.Lattice(2, 2, 3, 4), 5, 6, "von_neumann", 1)
     params = {n: p.float().requires_grad_() for n, p in params.items()}
     x, inject = x.float(), inject.float()
     kw = dict(seed=1, neighbourhood="von_neumann", boundary="zero", fire_rate=0.5)
-    for grad_mode, all_states, T in ((True, False, 3), (False, False, 3), (False, True, 3)):
+    modes = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference": torch.inference_mode}
+    for mode, all_states, T in (("grad", False, 3), ("no_grad", False, 3), ("no_grad", True, 3),
+                                ("inference", False, 3)):
         saved = []
-        with torch.set_grad_enabled(grad_mode), torch.autograd.graph.saved_tensors_hooks(
+        with modes[mode](), torch.autograd.graph.saved_tensors_hooks(
                 lambda t: saved.append(t) or t, lambda t: t):
             outs = rollout(x, inject, params, T, all_states=all_states, **kw)
         assert outs.shape == ((T if all_states else 1), *x.shape)
         states = [t for t in saved if not any(t is p for p in params.values())]
-        if not grad_mode:
+        if mode != "grad":
             assert not saved
         else:  # x, inject and the T step outputs: T + 1 states of C values per cell
             assert sum(t.numel() for t in states) == (T + 1) * x.numel() + inject.numel()
