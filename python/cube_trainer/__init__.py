@@ -11,13 +11,14 @@ from .checkpoint import CheckpointError
 from .compat import EmergentCubeTrainer, EmergentTrainingConfig, create_emergent_trainer
 from .config import Config, ConfigError, load_config
 from .data import DataError, Pair, PairSet, build_splits, load_pairs
-from .evaluate import compare, format_table
+from .evaluate import AnswerBank, HeldOut, compare
+from .report import format_report
 from .losses import compute_losses
 from .model import CubeModel
 from .teacher import Teacher, TeacherError
 from .trainer import CubeTrainer, NonFiniteLossError
 
-__all__ = ["CheckpointError", "Config", "ConfigError", "CubeModel", "CubeTrainer", "DataError",
-           "EmergentCubeTrainer", "EmergentTrainingConfig", "NonFiniteLossError", "Pair", "PairSet", "Teacher",
-           "TeacherError", "build_splits", "compare", "compute_losses", "create_emergent_trainer", "format_table",
-           "load_config", "load_pairs"]
+__all__ = ["AnswerBank", "CheckpointError", "Config", "ConfigError", "CubeModel", "CubeTrainer", "DataError",
+           "EmergentCubeTrainer", "EmergentTrainingConfig", "HeldOut", "NonFiniteLossError", "Pair", "PairSet",
+           "Teacher", "TeacherError", "build_splits", "compare", "compute_losses", "create_emergent_trainer",
+           "format_report", "load_config", "load_pairs"]
