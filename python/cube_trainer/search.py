@@ -7,8 +7,9 @@ trains ``--method`` (the model, one of its ablations or the MLP baseline) with t
 the ``--set`` settings, and prints its best validation MRR and the step it was reached at
 (validation at step 0, every ``train.eval_every`` steps and at the end, as in training). The
 ablations and the MLP take the ``--set`` settings instead of their ``eval.<method>`` ones:
-their search is what fills those in. ``--log FILE`` appends the result as a JSON line.
-docs/trainer.md holds the search and the command of each row.
+their search is what fills those in. ``--log FILE`` appends the result, with the whole config
+it ran, as a JSON line; ``--table FILE --config BASE`` prints the trials of such a log as a
+Markdown table whose commands reproduce each of them from BASE (docs/trainer.md holds it).
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ def _trial(args) -> int:
         best = trainer.best_val
     at_best = next(r for r in history if r["kind"] == "val" and r["step"] == best["step"])
     record = {"method": args.method, "config": args.config, "set": args.set, "best_step": best["step"],
+              "effective": _settings(cfg),
               "steps": cfg.train.steps, **{f"val_{k}": at_best[k] for k in ("mrr", "recall@1", "mean_cosine")},
               "val_mrr_by_step": {r["step"]: round(r["mrr"], 4) for r in history if r["kind"] == "val"},
               "seconds": round(time.perf_counter() - tic, 1)}
@@ -61,16 +63,50 @@ def _trial(args) -> int:
     return 0
 
 
+def _settings(cfg) -> dict[str, object]:
+    """A config as flat ``{"section.key": value}``, without where it writes and how it shows progress."""
+    flat = {}
+    for section, values in config_to_dict(cfg).items():
+        for key, value in values.items() if isinstance(values, dict) else [(None, values)]:
+            flat[f"{section}.{key}" if key else section] = value
+    for key in ("out_dir", "train.progress", "device"):
+        flat.pop(key, None)
+    return flat
+
+
+def _table(args) -> int:
+    """The trials of ``args.table`` as Markdown rows, best validation MRR first within each method."""
+    records = [json.loads(line) for line in Path(args.table).read_text().splitlines() if line.strip()]
+    print("| method | settings (besides the base config) | best val MRR | at step | command |")
+    print("| --- | --- | ---: | ---: | --- |")
+    for method in METHODS:
+        base = load_config(args.config)
+        if method != "lattice":
+            base = config_from_dict(apply_overrides(config_to_dict(base), METHOD_SETTINGS[method]))
+        base = _settings(base)
+        rows = sorted((r for r in records if r["method"] == method), key=lambda r: -r["val_mrr"])
+        for r in rows:
+            sets = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in r["effective"].items()
+                    if base.get(k) != v]
+            command = (f"`python -m cube_trainer.search --config {args.config} --method {method}"
+                       + "".join(f" --set {s}" for s in sets) + "`")
+            print(f"| {method} | {', '.join(sets) or '(base)'} | {r['val_mrr']:.4f} | {r['best_step']} of "
+                  f"{r['steps']} | {command} |")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m cube_trainer.search", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, metavar="FILE")
+    p.add_argument("--config", required=True, metavar="FILE", help="the base config")
     p.add_argument("--method", choices=METHODS, default="lattice")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a setting to try (repeatable)")
     p.add_argument("--out-dir", metavar="DIR", help="run directory (default runs/search/METHOD)")
     p.add_argument("--log", metavar="FILE", help="append the result as a JSON line")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    return _run("search", _trial, p.parse_args(argv))
+    p.add_argument("--table", metavar="LOG", help="print the trials of LOG (from --log) as a Markdown table")
+    args = p.parse_args(argv)
+    return _run("search", _table if args.table else _trial, args)
 
 
 if __name__ == "__main__":
