@@ -13,7 +13,7 @@ from cube_trainer import ConfigError, DataError, load_config
 from cube_trainer.config import LossConfig, config_from_dict
 from cube_trainer.data import (Pair, PairSet, deduplicate, load_chatterbot, load_jsonl, shared_texts, split_pairs,
                                split_summary, text_key)
-from cube_trainer.evaluate import AnswerBank, HeldOut, Queries, mlp_width, question_scores, ridge_fit
+from cube_trainer.evaluate import RankingBank, HeldOut, Queries, mlp_width, question_scores, ridge_fit
 from cube_trainer.losses import compute_losses, contrastive_loss, internal_loss, same_question, surface_target
 from cube_trainer.model import CubeModel, unit_length
 from cube_trainer.report import ReportError, bootstrap, format_report, interval
@@ -34,7 +34,7 @@ def test_shipped_configs_are_valid(name):
     ({"modle": {}}, "unknown config key 'modle' (did you mean 'model'?)"),
     ({"train": {"lr": "fast"}}, "config key 'train.lr' must be a number, got str 'fast'"),
     ({"train": {"steps": 1.5}}, "config key 'train.steps' must be an int, got float 1.5"),
-    ({"train": {"amp": 1}}, "config key 'train.amp' must be a bool (true/false), got int 1"),
+    ({"train": {"amp": 1}}, "config key 'train.amp' must be a bool (true/false) or a string, got int 1"),
     ({"model": {"depth": True}}, "config key 'model.depth' must be an int, got bool True"),
     ({"eval": {"ridge_alphas": [1, "x"]}}, "config key 'eval.ridge_alphas[1]' must be a number"),
     ({"model": "big"}, "config section 'model.' must be a mapping"),
@@ -283,7 +283,7 @@ def _held_out():
                    ["Paris.", "It is Paris", "Hello", "Goodbye"],
                    torch.stack([e[0], e[0], e[1], e[2]]), torch.stack([e[0], e[0] + 1e-3, e[1], e[2]]))
     other = PairSet(["Where is the Louvre?"], ["paris"], e[:1], e[:1])
-    return HeldOut(test, AnswerBank.of(train, test, other))
+    return HeldOut(test, RankingBank.of(train, test, other))
 
 
 def test_each_question_counts_once_with_all_its_answers_relevant():
@@ -296,7 +296,7 @@ def test_each_question_counts_once_with_all_its_answers_relevant():
 
 
 def test_ties_count_against_the_model():
-    bank = AnswerBank(["a", "b", "c"], torch.eye(3))
+    bank = RankingBank(["a", "b", "c"], torch.eye(3))
     queries = Queries(["q1", "q2"], torch.zeros(2, 3), torch.tensor([[True, False, False], [False, True, False]]))
     pred = torch.tensor([[1.0, 1.0, 0.0],     # a and b tie: rank 2
                          [0.0, 1.0, 0.9]])    # rank 1
@@ -320,7 +320,7 @@ def test_a_zero_or_non_finite_prediction_gets_the_worst_rank(name):
 
 def test_a_constant_prediction_is_at_chance_and_the_true_answer_is_perfect():
     held = _held_out()
-    bank = AnswerBank(list("abcd"), torch.eye(4))
+    bank = RankingBank(list("abcd"), torch.eye(4))
     q = Queries(["q1", "q2"], torch.zeros(2, 4), torch.tensor([[True, False, False, False], [False, True, True, False]]))
     constant = question_scores(torch.ones(2, 4), q, bank)  # the same cosine to every candidate: ties
     assert constant["mrr"].tolist() == pytest.approx([1 / 4, 1 / 3])
@@ -329,7 +329,7 @@ def test_a_constant_prediction_is_at_chance_and_the_true_answer_is_perfect():
     m = held.metrics(answers)
     assert m["mrr"] == 1.0 and m["recall@1"] == 1.0 and m["mrr_split"] == 1.0
     assert m["mean_cosine"] == pytest.approx((1 + 1) / 3 + (1 + 1) / 2 / 3, abs=1e-3)
-    bank = AnswerBank(["right", "wrong copy"], torch.eye(2)[[0, 0]])
+    bank = RankingBank(["right", "wrong copy"], torch.eye(2)[[0, 0]])
     q = Queries(["q"], torch.zeros(1, 2), torch.tensor([[True, False]]))
     assert question_scores(bank.embeddings[:1], q, bank)["mrr"].item() == 0.5
 

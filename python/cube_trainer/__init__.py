@@ -7,18 +7,20 @@
 The earlier trainer's names (``EmergentCubeTrainer``, ``EmergentTrainingConfig``,
 ``create_emergent_trainer``) are here too; see docs/trainer.md.
 """
+from .bank import AnswerBank
 from .checkpoint import CheckpointError
 from .compat import EmergentCubeTrainer, EmergentTrainingConfig, create_emergent_trainer
 from .config import Config, ConfigError, load_config
 from .data import DataError, Pair, PairSet, build_splits, load_pairs
-from .evaluate import AnswerBank, HeldOut, compare
+from .evaluate import HeldOut, compare
 from .report import format_report
 from .losses import compute_losses
 from .model import CubeModel
+from .rundir import RunDirectoryError
 from .teacher import Teacher, TeacherError
 from .trainer import CubeTrainer, NonFiniteLossError
 
 __all__ = ["AnswerBank", "CheckpointError", "Config", "ConfigError", "CubeModel", "CubeTrainer", "DataError",
            "EmergentCubeTrainer", "EmergentTrainingConfig", "HeldOut", "NonFiniteLossError", "Pair", "PairSet",
-           "Teacher", "TeacherError", "build_splits", "compare", "compute_losses", "create_emergent_trainer",
-           "format_report", "load_config", "load_pairs"]
+           "RunDirectoryError", "Teacher", "TeacherError", "build_splits", "compare", "compute_losses",
+           "create_emergent_trainer", "format_report", "load_config", "load_pairs"]

@@ -37,13 +37,13 @@ from .losses import answer_losses, same_question
 
 
 @dataclass
-class AnswerBank:
+class RankingBank:
     """Distinct answers (by ``text_key``), each with the embedding of its first text."""
     keys: list[str]
     embeddings: torch.Tensor      # [M, T]
 
     @classmethod
-    def of(cls, *splits: PairSet) -> AnswerBank:
+    def of(cls, *splits: PairSet) -> RankingBank:
         first: dict[str, torch.Tensor] = {}
         for pairs in splits:
             for text, emb in zip(pairs.answers, pairs.a):
@@ -60,7 +60,7 @@ class Queries:
     relevant: torch.Tensor        # [Nq, M] bool
 
     @classmethod
-    def of(cls, pairs: PairSet, bank: AnswerBank) -> Queries:
+    def of(cls, pairs: PairSet, bank: RankingBank) -> Queries:
         column = {k: j for j, k in enumerate(bank.keys)}
         rows: dict[str, int] = {}
         first, answers = [], []
@@ -79,7 +79,7 @@ class Queries:
         return cls(list(rows), pairs.q[torch.tensor(first, dtype=torch.long)].float().cpu(), relevant)
 
 
-def question_scores(pred: torch.Tensor, queries: Queries, bank: AnswerBank, ks=(1, 10)) -> dict[str, torch.Tensor]:
+def question_scores(pred: torch.Tensor, queries: Queries, bank: RankingBank, ks=(1, 10)) -> dict[str, torch.Tensor]:
     """Per question ``[Nq]``: ``mean_cosine``, ``recall@k`` (0 or 1) and ``mrr`` (the reciprocal
     rank), with the rules of the module docstring."""
     pred = pred.float().cpu()
@@ -100,10 +100,10 @@ class HeldOut:
     """A held-out split ready to be scored: its distinct questions ranked against ``bank`` (and,
     for ``mrr_split``, against the split's own answers)."""
 
-    def __init__(self, pairs: PairSet, bank: AnswerBank, ks=(1, 10)):
+    def __init__(self, pairs: PairSet, bank: RankingBank, ks=(1, 10)):
         self.pairs, self.bank, self.ks = pairs, bank, tuple(ks)
         self.queries = Queries.of(pairs, bank)
-        self.own_bank = AnswerBank.of(pairs)
+        self.own_bank = RankingBank.of(pairs)
         self.own = Queries.of(pairs, self.own_bank)
 
     @property
@@ -123,7 +123,7 @@ class HeldOut:
 
 def validation_set(splits: dict[str, PairSet], ks=(1, 10)) -> HeldOut:
     """The validation split, ranked against the answers of train and validation (not test)."""
-    return HeldOut(splits["val"], AnswerBank.of(splits["train"], splits["val"]), ks)
+    return HeldOut(splits["val"], RankingBank.of(splits["train"], splits["val"]), ks)
 
 
 def ridge_fit(q: torch.Tensor, a: torch.Tensor, alpha: float):
@@ -249,7 +249,7 @@ def compare(trained: list[tuple[str, Trained]], splits: dict[str, PairSet], cfg:
             baselines: bool = True, log=print) -> tuple[HeldOut, list[Row]]:
     """Scores on ``splits[split]`` (ranked against every answer of the corpus) of the ``trained``
     methods (the model first, then its ablations) and, with ``baselines``, of every baseline."""
-    held = HeldOut(splits[split], AnswerBank.of(*splits.values()), cfg.eval.recall_at)
+    held = HeldOut(splits[split], RankingBank.of(*splits.values()), cfg.eval.recall_at)
     rows = [Row(name, t.params, t.step, held.scores(t.predict(held.q))) for name, t in trained]
     if not baselines:
         return held, rows

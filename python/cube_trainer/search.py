@@ -47,7 +47,7 @@ def _trial(args) -> int:
         result = train_mlp(splits["train"], validation_set(splits, cfg.eval.recall_at), cfg, hidden)
         history, best = result.history, {"step": result.step, "mrr": result.val_mrr}
     else:
-        history = trainer.fit(splits["train"], splits["val"], log=quiet)
+        history = trainer.fit(splits["train"], splits["val"], overwrite=True, log=quiet)
         best = trainer.best_val
     at_best = next(r for r in history if r["kind"] == "val" and r["step"] == best["step"])
     record = {"method": args.method, "config": args.config, "set": args.set, "best_step": best["step"],
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     p.add_argument("--config", required=True, metavar="FILE", help="the base config")
     p.add_argument("--method", choices=METHODS, default="lattice")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a setting to try (repeatable)")
-    p.add_argument("--out-dir", metavar="DIR", help="run directory (default runs/search/METHOD)")
+    p.add_argument("--out-dir", metavar="DIR", help="scratch run directory, replaced by each trial (default runs/search/METHOD)")
     p.add_argument("--log", metavar="FILE", help="append the result as a JSON line")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--table", metavar="LOG", help="print the trials of LOG (from --log) as a Markdown table")
