@@ -2,6 +2,7 @@
 terms and the evaluation metrics."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -389,3 +390,23 @@ def test_the_report_says_beats_only_when_the_interval_of_the_difference_is_above
     assert "the model beats: much worse; it does not beat: identical, noisy, better." in text
     with pytest.raises(ReportError, match="different questions"):
         format_report([runs[0], _result(1, {"model": [0.0] * 60}, questions=[f"x{i}" for i in range(60)])])
+
+
+# ------------------------------------------------------------------ search log
+
+def test_the_search_table_lists_each_trial_against_the_base_config(tmp_path, capsys):
+    from cube_trainer.search import _settings, main
+    base = ROOT / "configs" / "tiny.yaml"
+    def record(method, sets, mrr):
+        effective = _settings(load_config(base, [*sets, "train.checkpoint_every=7", "out_dir=elsewhere"]))
+        return {"method": method, "effective": effective, "val_mrr": mrr, "best_step": 10, "steps": 20}
+    log = tmp_path / "trials.jsonl"
+    log.write_text("\n".join(json.dumps(r) for r in [
+        record("lattice", ["train.lr=0.05"], 0.41), record("lattice", [], 0.43),
+        record("mlp", ["train.lr=0.05", "model.residual=false"], 0.2)]) + "\n")
+    assert main(["--table", str(log), "--config", str(base)]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert [r.split(" | ")[:3] for r in rows] == [
+        ["| lattice", "(base)", "0.4300"], ["| lattice", "train.lr=0.05", "0.4100"],
+        ["| mlp", "model.residual=false, train.lr=0.05", "0.2000"]]
+    assert rows[1].endswith(f"`python -m cube_trainer.search --config {base} --method lattice --set train.lr=0.05` |")

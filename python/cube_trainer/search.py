@@ -64,12 +64,13 @@ def _trial(args) -> int:
 
 
 def _settings(cfg) -> dict[str, object]:
-    """A config as flat ``{"section.key": value}``, without where it writes and how it shows progress."""
+    """A config as flat ``{"section.key": value}``, without what leaves the result alone: where it
+    writes, how often it checkpoints and how it shows progress."""
     flat = {}
     for section, values in config_to_dict(cfg).items():
         for key, value in values.items() if isinstance(values, dict) else [(None, values)]:
             flat[f"{section}.{key}" if key else section] = value
-    for key in ("out_dir", "train.progress", "device"):
+    for key in ("out_dir", "train.progress", "train.checkpoint_every", "device"):
         flat.pop(key, None)
     return flat
 
