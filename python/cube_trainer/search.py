@@ -88,7 +88,7 @@ def _table(args) -> int:
         rows = sorted((r for r in records if r["method"] == method), key=lambda r: -r["val_mrr"])
         for r in rows:
             sets = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in r["effective"].items()
-                    if base.get(k) != v]
+                    if k in base and base[k] != v]  # keys _settings leaves out were logged by older trials
             command = (f"`python -m cube_trainer.search --config {args.config} --method {method}"
                        + "".join(f" --set {s}" for s in sets) + "`")
             print(f"| {method} | {', '.join(sets) or '(base)'} | {r['val_mrr']:.4f} | {r['best_step']} of "
