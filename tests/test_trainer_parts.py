@@ -398,7 +398,8 @@ def test_the_search_table_lists_each_trial_against_the_base_config(tmp_path, cap
     from cube_trainer.search import _settings, main
     base = ROOT / "configs" / "tiny.yaml"
     def record(method, sets, mrr):
-        effective = _settings(load_config(base, [*sets, "train.checkpoint_every=7", "out_dir=elsewhere"]))
+        unrelated = ["train.checkpoint_every=7", "out_dir=elsewhere", "eval.mlp=[train.lr=1]"]  # not in the table
+        effective = _settings(load_config(base, [*sets, *unrelated]))
         return {"method": method, "effective": effective, "val_mrr": mrr, "best_step": 10, "steps": 20}
     log = tmp_path / "trials.jsonl"
     log.write_text("\n".join(json.dumps(r) for r in [

@@ -64,13 +64,15 @@ def _trial(args) -> int:
 
 
 def _settings(cfg) -> dict[str, object]:
-    """A config as flat ``{"section.key": value}``, without what leaves the result alone: where it
-    writes, how often it checkpoints and how it shows progress."""
+    """A config as flat ``{"section.key": value}``, without what leaves a trial's result alone: where
+    it writes, how often it checkpoints, how it shows progress and the comparison methods' own
+    settings (a trial takes its method's from ``--set``)."""
     flat = {}
     for section, values in config_to_dict(cfg).items():
         for key, value in values.items() if isinstance(values, dict) else [(None, values)]:
             flat[f"{section}.{key}" if key else section] = value
-    for key in ("out_dir", "train.progress", "train.checkpoint_every", "device"):
+    ignored = ("out_dir", "train.progress", "train.checkpoint_every", "device", *(f"eval.{m}" for m in METHOD_SETTINGS))
+    for key in ignored:
         flat.pop(key, None)
     return flat
 
