@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: setup test train bench cuda-check cuda-build gpu-check
+.PHONY: setup test train results results-chitchat bench cuda-check cuda-build gpu-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,19 @@ test: setup cuda-check
 
 train: setup
 	$(BIN)/cube-train --config configs/default.yaml
+
+# The README's results: the default config over SEEDS (model, ablations, baselines per seed), then
+# one table with intervals over seeds and questions; and the chitchat config with one seed.
+RESULTS ?= runs/results
+SEEDS ?= 0 1 2
+results: setup
+	for s in $(SEEDS); do $(BIN)/cube-train --config configs/default.yaml --set seed=$$s --set train.progress=false \
+		--out-dir $(RESULTS)/default/seed_$$s || exit 1; done
+	$(BIN)/cube-eval --runs $(addprefix $(RESULTS)/default/seed_,$(SEEDS)) --out $(RESULTS)/default/report.txt
+
+results-chitchat: setup
+	$(BIN)/cube-train --config configs/chitchat.yaml --set train.progress=false --out-dir $(RESULTS)/chitchat/seed_0
+	$(BIN)/cube-eval --runs $(RESULTS)/chitchat/seed_0 --out $(RESULTS)/chitchat/report.txt
 
 bench: setup
 	$(BIN)/pip install -q --no-build-isolation -e ".[bench]"

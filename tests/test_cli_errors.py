@@ -99,7 +99,7 @@ CASES = [
     ("train", lambda e: ["--resume", str(e["d"] / "run"), "--set", "train.lr=0.5"],
      "differs in train.lr (0.01 -> 0.5)"),
     ("train", lambda e: ["--resume", str(e["d"] / "run"), "--config", "default"], "model.channels (8 -> 16)"),
-    ("train", lambda e: ["--resume", str(e["d"] / "changed")], "the train, val, test split(s) differ from those"),
+    ("train", lambda e: ["--resume", str(e["d"] / "changed")], "split(s) differ from those of the run"),
     ("train", lambda e: _base(e, "--stop-after", "0"), "--stop-after: expected a whole number >= 1, got 0"),
     ("train", lambda e: _base(e, "--stepz", "3"), "unrecognized arguments: --stepz"),
     ("evaluate", lambda e: ["--checkpoint", str(e["d"] / "nothing")], "checkpoint not found"),

@@ -16,6 +16,7 @@ from cube_trainer import (CheckpointError, CubeTrainer, EmergentCubeTrainer, Eme
 from cube_trainer.checkpoint import read_checkpoint
 from cube_trainer.metrics import read_metrics
 from cube_trainer.rundir import RunDirectoryError
+from cube_trainer.trainer import best_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -98,7 +99,42 @@ def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path):
     assert meta_full == meta_half
     assert (tmp_path / "half" / "training.png").stat().st_size > 0
     val_records = [r for r in read_metrics(tmp_path / "half" / "metrics.jsonl") if r["kind"] == "val"]
-    assert [r["step"] for r in val_records] == [4, 8]
+    assert [r["step"] for r in val_records] == [0, 4, 8]
+    assert resumed.best_val == full.best_val and resumed.best_val["step"] == val_records[-1]["best_step"]
+
+
+def test_fit_keeps_the_best_validation_model_never_worse_than_the_start(tmp_path):
+    """Validation pairs whose answer is the question itself: the residual model starts perfect
+    there, and training on another map can only make it worse, so the kept model is step 0's."""
+    train = synthetic_pairs(32)
+    val = synthetic_pairs(12, seed=1)
+    val = PairSet(val.questions, [f"a-{q}" for q in val.questions], val.q, val.q.clone())
+    trainer = CubeTrainer(tiny_config(tmp_path, "train.eval_every=5", "train.lr=0.05"), teacher_dim=DIM)
+    history = trainer.fit(train, val, log=lambda *a: None)
+    steps = [r["step"] for r in history if r["kind"] == "val"]
+    assert steps == [0, 5, 10, 15, 20]
+    assert history[0]["mrr"] == 1.0 and trainer.best_val == {"step": 0, "mrr": 1.0}
+    assert min(r["mrr"] for r in history if r["kind"] == "val") < 1.0  # training did make it worse
+    best = CubeTrainer.load(best_checkpoint(tmp_path / "run"))
+    assert best.global_step == 0
+    torch.testing.assert_close(best.predict(val.q), val.q)
+    # A new run that replaces the old one does not inherit its best.
+    CubeTrainer(tiny_config(tmp_path, "train.steps=2"), teacher_dim=DIM).fit(train, overwrite=True, log=lambda *a: None)
+    assert best_checkpoint(tmp_path / "run") is None
+
+
+def test_the_frozen_lattice_ablation_trains_only_the_adapters(tmp_path):
+    trainer = CubeTrainer(tiny_config(tmp_path, "model.lattice=frozen"), teacher_dim=DIM)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    data = synthetic_pairs(8)
+    for _ in range(3):
+        trainer.train_step(data.q, data.a)
+    after = trainer.model.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved == {"adapter_in.weight", "adapter_in.bias", "adapter_out.weight", "adapter_out.bias"}
+    full = CubeTrainer(tiny_config(tmp_path), teacher_dim=DIM)
+    assert trainer.num_parameters() == full.num_parameters() - sum(
+        p.numel() for p in (*full.model.lattice.parameters(), full.model.init_state))
 
 
 def test_training_and_checkpoints_leave_the_process_rng_alone(saved, tmp_path):

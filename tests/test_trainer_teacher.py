@@ -42,14 +42,19 @@ def test_real_teacher_cli_train_resume_evaluate_ask(tmp_path, capsys):
               "--set", "data.test_fraction=0.2", "--set", "train.steps=6", "--set", "train.checkpoint_every=3",
               "--out-dir", str(run)]
     assert cli.train(common + ["--stop-after", "3"]) == 0
-    assert "Evaluation on the test split" not in capsys.readouterr().out
+    assert "Test split of" not in capsys.readouterr().out
     assert cli.train(["--resume", str(run)]) == 0
     out = capsys.readouterr().out
     assert "resumed" in out and "step_00000003" in out
-    assert "Evaluation on the test split" in out and "raw question embedding" in out
+    assert "Test split of jsonl" in out and "raw question embedding" in out
+    assert "no-lattice ablation" in out and "frozen-lattice ablation" in out and "residual MLP" in out
+    assert "texts shared (questions/answers): val-train 0/0, test-train 0/0, test-val 0/0" in out
     assert (run / "training.png").exists() and (run / "eval_test.json").exists()
+    assert (run / "ablations" / "no_lattice" / "best.json").exists()
     assert cli.evaluate(["--checkpoint", str(run), "--no-baselines"]) == 0
     assert "cube lattice (this model)" in capsys.readouterr().out
+    assert cli.evaluate(["--runs", str(run), str(run)]) == 0
+    assert "2 run(s): seed 0, 0" in capsys.readouterr().out
     data.unlink()  # cube-ask needs no corpus: the run's answer bank holds every answer
     assert cli.ask(["--checkpoint", str(run), "-k", "3", "What is the capital of France?"]) == 0
     out = capsys.readouterr().out

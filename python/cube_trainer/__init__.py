@@ -12,7 +12,8 @@ from .checkpoint import CheckpointError
 from .compat import EmergentCubeTrainer, EmergentTrainingConfig, create_emergent_trainer
 from .config import Config, ConfigError, load_config
 from .data import DataError, Pair, PairSet, build_splits, load_pairs
-from .evaluate import compare, format_table
+from .evaluate import HeldOut, compare
+from .report import format_report
 from .losses import compute_losses
 from .model import CubeModel
 from .rundir import RunDirectoryError
@@ -20,6 +21,6 @@ from .teacher import Teacher, TeacherError
 from .trainer import CubeTrainer, NonFiniteLossError
 
 __all__ = ["AnswerBank", "CheckpointError", "Config", "ConfigError", "CubeModel", "CubeTrainer", "DataError",
-           "EmergentCubeTrainer", "EmergentTrainingConfig", "NonFiniteLossError", "Pair", "PairSet",
+           "EmergentCubeTrainer", "EmergentTrainingConfig", "HeldOut", "NonFiniteLossError", "Pair", "PairSet",
            "RunDirectoryError", "Teacher", "TeacherError", "build_splits", "compare", "compute_losses",
-           "create_emergent_trainer", "format_table", "load_config", "load_pairs"]
+           "create_emergent_trainer", "format_report", "load_config", "load_pairs"]

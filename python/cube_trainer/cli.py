@@ -17,12 +17,13 @@ from .atomic import write_text_atomic
 from .bank import BANK_FILE, AnswerBank
 from .checkpoint import CheckpointError, read_checkpoint, resolve_checkpoint
 from .config import ConfigError, load_config, packaged_configs
-from .data import DataError, build_splits
-from .evaluate import compare, format_table
+from .data import DataError, build_splits, split_summary
+from .report import ReportError, format_report, load_results
+from .runs import evaluate_run, train_ablations
 from .teacher import Teacher, TeacherError
-from .trainer import CubeTrainer, NonFiniteLossError, resolve_device
+from .trainer import CubeTrainer, NonFiniteLossError, best_checkpoint, resolve_device
 
-_ERRORS = (ConfigError, CheckpointError, DataError, TeacherError)
+_ERRORS = (ConfigError, CheckpointError, DataError, TeacherError, ReportError)
 
 
 def _one_line(message) -> str:
@@ -82,26 +83,27 @@ def _splits(trainer: CubeTrainer, log) -> dict:
     splits = build_splits(trainer.config.data, teacher)
     if trainer.world > 1 and trainer.rank == 0:
         dist.barrier()
-    log(f"data: {trainer.config.data.source}: " + ", ".join(f"{k} {len(v)} pairs" for k, v in splits.items())
-        + f"; teacher {teacher.path.name} ({teacher.dim}-D), {time.perf_counter() - tic:.1f} s "
-        f"(cache: {teacher.cache.path})")
+    log(f"data: {trainer.config.data.source}: {split_summary(splits)}; teacher {teacher.path.name} "
+        f"({teacher.dim}-D), {time.perf_counter() - tic:.1f} s (cache: {teacher.cache.path})")
     return splits
 
 
-def _report(trainer: CubeTrainer, splits: dict, split: str, baselines: bool, out_dir: Path | None, log) -> list:
+def _report(model, cfg, splits: dict, split: str, baselines: bool, out_dir: Path | None, log, device=None) -> dict:
+    """Evaluates ``model`` (a run directory or checkpoint), its ablations and the baselines on
+    ``splits[split]``; prints the table and writes ``eval_<split>.{json,txt}`` into ``out_dir``."""
     tic = time.perf_counter()
-    rows = compare(trainer, splits, split, baselines=baselines, log=log)
-    table = format_table(rows, splits[split], split)
+    result = evaluate_run(model, splits, cfg, split, baselines, device=device, log=log)
+    table = format_report([result])
     log(table)
     log(f"evaluation: {time.perf_counter() - tic:.1f} s")
     if out_dir is not None:
-        result = {"split": split, "step": trainer.global_step,
-                  "rows": [{"method": r.method, "params": r.params, **r.metrics} for r in rows]}
-        write_text_atomic(out_dir / f"eval_{split}.json", json.dumps(result, indent=1))
+        write_text_atomic(out_dir / f"eval_{split}.json", json.dumps(result))
         write_text_atomic(out_dir / f"eval_{split}.txt", table + "\n")
         with open(out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"kind": split, **result}) + "\n")
-    return rows
+            f.write(json.dumps({"kind": split, **{k: v for k, v in result.items() if k != "questions"},
+                                "rows": [{k: v for k, v in r.items() if k != "scores"} for r in result["rows"]]})
+                    + "\n")
+    return result
 
 
 def _init_distributed(device_of) -> bool:
@@ -190,13 +192,19 @@ def _train(args) -> int:
         tic = time.perf_counter()
         trainer.fit(splits["train"], splits["val"], stop_after=args.stop_after, log=log)
         log(f"training: {time.perf_counter() - tic:.1f} s, step {trainer.global_step}/{cfg.train.steps}")
+        finished = trainer.global_step == cfg.train.steps
+        baselines = cfg.eval.baselines and not args.no_baselines
+        if finished and baselines and not args.no_eval:
+            tic = time.perf_counter()
+            train_ablations(cfg, splits, trainer.teacher_dim, cfg.out_dir, resume=bool(args.resume), log=log)
+            log(f"ablations: {time.perf_counter() - tic:.1f} s")
     finally:
         if distributed:
             if trainer is not None:
                 trainer.release_process_group()
             dist.destroy_process_group()
-    if rank == 0 and not args.no_eval and trainer.global_step == cfg.train.steps:
-        _report(trainer, splits, "test", cfg.eval.baselines and not args.no_baselines, Path(cfg.out_dir), log)
+    if rank == 0 and not args.no_eval and finished:
+        _report(Path(cfg.out_dir), cfg, splits, "test", baselines, Path(cfg.out_dir), log, trainer.device)
     return 0
 
 
@@ -229,34 +237,56 @@ def train(argv=None) -> int:
                                     "takes the GPU of its local rank)")
     p.add_argument("--stop-after", type=_positive_int, metavar="N",
                    help="stop after N steps of this invocation (the schedule still spans train.steps)")
-    p.add_argument("--no-eval", action="store_true", help="skip the final test evaluation")
-    p.add_argument("--no-baselines", action="store_true", help="evaluate the model only, without baselines")
+    p.add_argument("--no-eval", action="store_true", help="skip the ablations and the final test evaluation")
+    p.add_argument("--no-baselines", action="store_true",
+                   help="evaluate the model only, without training the ablations and without baselines")
     return _run("cube-train", _train, p.parse_args(argv))
 
 
 def _evaluate(args) -> int:
-    trainer = CubeTrainer.load(args.checkpoint, device=args.device)
-    print(f"checkpoint {trainer.checkpoint_path} (step {trainer.global_step})")
+    if args.runs:
+        results = load_results(args.runs)
+        table = format_report(results)
+        print(table)
+        if args.out:
+            write_text_atomic(args.out, table + "\n")
+        return 0
+    if not args.checkpoint:
+        raise ConfigError("give --checkpoint PATH (a run directory or checkpoint) or --runs RUN_DIR ...")
+    model = Path(args.checkpoint)
+    path = (best_checkpoint(model) or resolve_checkpoint(model)) if model.is_dir() else resolve_checkpoint(model)
+    trainer = CubeTrainer.load(path, device=args.device)
+    print(f"checkpoint {path} (step {trainer.global_step})")
     splits = _splits(trainer, print)
-    rows = _report(trainer, splits, args.split, not args.no_baselines, None, print)
+    result = _report(model, trainer.config, splits, args.split, not args.no_baselines, None, print, trainer.device)
     if args.json:
-        write_text_atomic(args.json, json.dumps(
-            {"split": args.split, "rows": [{"method": r.method, "params": r.params, **r.metrics} for r in rows]},
-            indent=1))
+        write_text_atomic(args.json, json.dumps(result))
+    if args.out:
+        write_text_atomic(args.out, format_report([result]) + "\n")
     return 0
 
 
 def evaluate(argv=None) -> int:
     p = _Parser(
-        prog="cube-eval",
-        description="Evaluate a checkpoint on a held-out split: mean cosine to the true answer and retrieval "
-                    "among all answers of the split (recall@k, MRR), next to the baselines (raw question "
-                    "embedding, mean answer, ridge regression, an MLP of the same size).")
-    p.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint file or run directory")
+        prog="cube-eval", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Evaluate a run on a held-out split: each distinct question ranks every distinct answer of "
+                    "the corpus (recall@k, MRR; ties count against the model) and its mean cosine to its "
+                    "answers, for the model at its best validation step, its two ablations (no lattice, frozen "
+                    "lattice) and the baselines (raw question embedding, mean answer, ridge regression, an MLP "
+                    "of the same size), with 95% bootstrap intervals. --runs aggregates the evaluations of "
+                    "several runs (seeds) into one table.",
+        epilog="examples:\n"
+               "  cube-eval --checkpoint runs/default\n"
+               "  cube-eval --runs runs/results/default/seed_*        # mean and intervals over seeds and questions")
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="run directory (its best-on-validation checkpoint and its ablations) or a checkpoint file")
+    p.add_argument("--runs", nargs="+", metavar="RUN_DIR",
+                   help="aggregate the test evaluations (eval_test.json) of these run directories")
     p.add_argument("--split", choices=("test", "val"), default="test")
-    p.add_argument("--no-baselines", action="store_true", help="the model only")
+    p.add_argument("--no-baselines", action="store_true", help="the model only (no ablations, no baselines)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the checkpoint's)")
-    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--json", metavar="FILE", help="also write the evaluation (with per-question scores) as JSON")
+    p.add_argument("--out", metavar="FILE", help="also write the table to FILE")
     return _run("cube-eval", _evaluate, p.parse_args(argv))
 
 

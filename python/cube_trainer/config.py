@@ -69,6 +69,7 @@ class ModelConfig:
     alive_channel: int | None = None
     alive_threshold: float = 0.1
     residual: bool = True             # prediction = question + adapter_out(back face)
+    lattice: str = _choices("trained", "frozen", "none", default="trained")  # frozen / none: the ablations
     init: str = _choices("propagate", "gmlp", default="propagate")   # see model.CubeModel.reset_parameters
     init_gate: float = 4.0            # propagate: spatial weight of the neighbour in front
     init_state_scale: float = 1.0     # propagate: std of the learned initial cell state
@@ -109,6 +110,10 @@ class EvalConfig:
     baselines: bool = True
     ridge_alphas: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0])
     mlp_hidden: int | None = None     # None: the width that matches the model's parameter count
+    # KEY=VALUE settings of each trained comparison method, chosen on validation like the model's
+    no_lattice: list[str] = field(default_factory=list)
+    frozen_lattice: list[str] = field(default_factory=list)
+    mlp: list[str] = field(default_factory=list)
     recall_at: list[int] = field(default_factory=lambda: [1, 10])
     batch_size: int = 256
 
@@ -239,6 +244,8 @@ def validate(cfg: Config) -> Config:
     _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
     _require(t.clip_grad_norm is None or t.clip_grad_norm > 0, "train.clip_grad_norm",
              f"must be null or > 0, got {t.clip_grad_norm}")
+    _require(t.pool_size == 0 or m.lattice != "none", "train.pool_size",
+             "must be 0 with model.lattice 'none' (there are no lattice states to pool)")
     _require(t.pool_size == 0 or t.pool_size >= t.batch_size, "train.pool_size",
              f"must be 0 (off) or >= train.batch_size={t.batch_size}, got {t.pool_size}")
     _require(0 <= t.pool_reset <= 1, "train.pool_reset", f"must be in [0, 1], got {t.pool_reset}")
@@ -258,6 +265,11 @@ def validate(cfg: Config) -> Config:
              f"must be a non-empty list of ints >= 1, got {e.recall_at}")
     _require(e.mlp_hidden is None or e.mlp_hidden >= 1, "eval.mlp_hidden", f"must be null or >= 1, got {e.mlp_hidden}")
     _require(e.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {e.batch_size}")
+    for method in METHOD_SETTINGS:
+        for text in getattr(e, method):
+            path, _ = parse_override(text)
+            _require(path[0] != "eval" and path != ["model", "lattice"], f"eval.{method}",
+                     f"{text!r}: a method's settings cannot change eval.* or model.lattice")
     _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None, "device",
              f"must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     _require(cfg.teacher.device is None or re.fullmatch(r"cpu|cuda(:\d+)?", cfg.teacher.device) is not None,
@@ -272,6 +284,22 @@ def config_from_dict(data: dict | None) -> Config:
 
 def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+# The trained comparison methods: their settings key in ``eval`` and what they always change.
+METHOD_SETTINGS = {"no_lattice": ["model.lattice=none", "train.pool_size=0"],
+                   "frozen_lattice": ["model.lattice=frozen"], "mlp": []}
+
+
+def method_config(cfg: Config, method: str) -> Config:
+    """The config that the comparison ``method`` (a key of ``METHOD_SETTINGS``) trains with: the
+    run's config with the method's ``eval.<method>`` settings (chosen on validation, as the
+    model's were) and, for an ablation, its ``model.lattice``."""
+    data = apply_overrides(config_to_dict(cfg), [*getattr(cfg.eval, method), *METHOD_SETTINGS[method]])
+    try:
+        return config_from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"eval.{method}: {exc}") from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -1,5 +1,6 @@
 """Question-answer pairs: JSONL files and two corpora that ship on PyPI, de-duplicated and split
-deterministically by question (all pairs of one question land in the same split)."""
+deterministically by connected groups of texts, so that no question text and no answer text is
+in two splits."""
 from __future__ import annotations
 
 import hashlib
@@ -41,14 +42,31 @@ class PairSet:
         return PairSet([self.questions[i] for i in index.tolist()], [self.answers[i] for i in index.tolist()],
                        self.q[index], self.a[index])
 
+    @classmethod
+    def of_tensors(cls, q: torch.Tensor, a: torch.Tensor) -> PairSet:
+        """Pairs known only by their embeddings: equal rows stand for the same text."""
+        qi, ai = (torch.unique(x, dim=0, return_inverse=True)[1].tolist() for x in (q, a))
+        return cls([f"q{i}" for i in qi], [f"a{i}" for i in ai], q, a)
+
+    def pairs(self) -> list[Pair]:
+        return [Pair(q, a) for q, a in zip(self.questions, self.answers)]
+
+    def question_ids(self) -> torch.Tensor:
+        """``[N]``: pairs with the same normalised question (``text_key``) share an id."""
+        ids: dict[str, int] = {}
+        return torch.tensor([ids.setdefault(text_key(q), len(ids)) for q in self.questions], dtype=torch.long)
+
 
 def _clean(text) -> str:
     return re.sub(r"\s+", " ", str(text)).strip()
 
 
-def question_key(question: str) -> str:
-    """What counts as "the same question" for de-duplication and the split."""
-    return _clean(question).casefold()
+def text_key(text: str) -> str:
+    """What counts as "the same text" for de-duplication, the split and the answer bank: case,
+    punctuation and whitespace folded ("What's AI?" and "whats ai" are one text). A text of
+    punctuation only keeps its case-folded characters."""
+    folded = " ".join(re.sub(r"[^\w\s]", "", str(text).casefold()).split())
+    return folded or _clean(text).casefold()
 
 
 def load_jsonl(path: str | Path) -> list[Pair]:
@@ -109,12 +127,13 @@ def load_chitchat() -> list[Pair]:
 
 
 def deduplicate(pairs: list[Pair]) -> list[Pair]:
-    """Whitespace-normalised pairs without empty texts and without repeats (first one kept)."""
+    """Whitespace-normalised pairs without empty texts and without repeats (pairs whose question
+    and answer have the same ``text_key``; the first one is kept)."""
     seen, out = set(), []
     for p in pairs:
         q, a = _clean(p.question), _clean(p.answer)
-        if q and a and (question_key(q), a) not in seen:
-            seen.add((question_key(q), a))
+        if q and a and (text_key(q), text_key(a)) not in seen:
+            seen.add((text_key(q), text_key(a)))
             out.append(Pair(q, a))
     return out
 
@@ -123,34 +142,70 @@ def _rank(seed: int, key: str) -> str:
     return hashlib.sha256(f"{seed}\0{key}".encode()).hexdigest()
 
 
-def split_pairs(pairs: list[Pair], val_fraction: float, test_fraction: float, seed: int = 0,
-                max_pairs: int | None = None) -> tuple[list[Pair], list[Pair], list[Pair]]:
-    """(train, val, test): distinct questions ordered by a seeded hash; the first ``test_fraction``
-    of them go to test, the next ``val_fraction`` to validation, the rest to training. The order
-    does not depend on the input order, and no question is in two splits. ``max_pairs`` keeps
-    whole questions in that order until the limit."""
+def text_groups(pairs: list[Pair]) -> list[list[Pair]]:
+    """The pairs cut into connected groups: two pairs are in one group when they share a text
+    (by ``text_key``), as question or as answer, directly or through other pairs (union-find).
+    A conversation ``t0 -> t1 -> t2`` is one group; so are all the questions of a common answer."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for p in pairs:
+        a, b = find(text_key(p.question)), find(text_key(p.answer))
+        if a != b:
+            parent[max(a, b)] = min(a, b)
     groups: dict[str, list[Pair]] = {}
     for p in pairs:
-        groups.setdefault(question_key(p.question), []).append(p)
-    keys = sorted(groups, key=lambda k: _rank(seed, k))
+        groups.setdefault(find(text_key(p.question)), []).append(p)
+    return list(groups.values())
+
+
+def split_pairs(pairs: list[Pair], val_fraction: float, test_fraction: float, seed: int = 0,
+                max_pairs: int | None = None) -> tuple[list[Pair], list[Pair], list[Pair]]:
+    """(train, val, test) by connected groups of texts (``text_groups``), so no question text and
+    no answer text is in two splits. The groups are visited in the order of a hash seeded with
+    ``seed`` (independent of the input order); each goes to test while test holds fewer than
+    ``test_fraction`` of the distinct questions and the group fits, then to validation likewise,
+    else to training (so a group too large for the held-out splits, such as the questions of a
+    very common answer, stays in training). ``max_pairs`` first keeps, in the same order, the
+    groups that fit under that many pairs."""
+    groups = sorted(text_groups(pairs), key=lambda g: _rank(seed, min(text_key(p.question) for p in g)))
     if max_pairs is not None:
         kept, total = [], 0
-        for k in keys:
-            if total >= max_pairs:
-                break
-            kept.append(k)
-            total += len(groups[k])
-        keys = kept
-    n_test = max(1, round(test_fraction * len(keys)))
-    n_val = max(1, round(val_fraction * len(keys)))
-    if n_test + n_val >= len(keys):
-        raise DataError(f"{len(keys)} distinct questions are too few for a train/val/test split "
-                        f"with val_fraction={val_fraction} and test_fraction={test_fraction}")
+        for g in groups:
+            if total + len(g) <= max_pairs:
+                kept.append(g)
+                total += len(g)
+        groups = kept
 
-    def flat(ks):
-        return [p for k in ks for p in groups[k]]
+    def questions(g) -> int:
+        return len({text_key(p.question) for p in g})
 
-    return flat(keys[n_test + n_val:]), flat(keys[n_test:n_test + n_val]), flat(keys[:n_test])
+    n_questions = sum(map(questions, groups))
+    room = {"test": max(1, round(test_fraction * n_questions)), "val": max(1, round(val_fraction * n_questions))}
+    splits: dict[str, list[Pair]] = {"train": [], "val": [], "test": []}
+    for g in groups:
+        name = next((k for k in ("test", "val") if questions(g) <= room[k]), "train")
+        if name != "train":
+            room[name] -= questions(g)
+        splits[name] += g
+    if not all(splits.values()):
+        raise DataError(f"{len(groups)} groups of {n_questions} distinct questions are too few for a "
+                        f"train/val/test split with val_fraction={val_fraction} and test_fraction={test_fraction}")
+    return splits["train"], splits["val"], splits["test"]
+
+
+def shared_texts(train: list[Pair], held_out: list[Pair]) -> tuple[int, int]:
+    """(questions, answers) of ``held_out`` whose text (``text_key``) also occurs in ``train``, as a
+    question or an answer: the leakage of a split (0 for ``split_pairs``)."""
+    seen = {text_key(t) for p in train for t in (p.question, p.answer)}
+    return (len({text_key(p.question) for p in held_out} & seen),
+            len({text_key(p.answer) for p in held_out} & seen))
 
 
 def load_pairs(cfg: DataConfig) -> list[Pair]:
@@ -187,3 +242,13 @@ def build_splits(cfg: DataConfig, teacher) -> dict[str, PairSet]:
     n1, n2 = len(train), len(train) + len(val)
     return {"train": everything.subset(range(n1)), "val": everything.subset(range(n1, n2)),
             "test": everything.subset(range(n2, len(everything)))}
+
+
+def split_summary(splits: dict[str, PairSet]) -> str:
+    """Pairs and distinct questions of each split, and the question / answer texts that two splits
+    share (counted afresh from the texts, not assumed from how the split was made)."""
+    sizes = ", ".join(f"{k} {len(v)} pairs / {len({text_key(q) for q in v.questions})} questions"
+                      for k, v in splits.items())
+    shared = ", ".join(f"{a}-{b} {'/'.join(map(str, shared_texts(splits[b].pairs(), splits[a].pairs())))}"
+                       for a, b in (("val", "train"), ("test", "train"), ("test", "val")))
+    return f"{sizes}; texts shared (questions/answers): {shared}"

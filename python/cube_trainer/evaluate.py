@@ -1,72 +1,129 @@
-"""Held-out evaluation of a trained model against baselines computed in the same run.
+"""Held-out evaluation of a trained model against baselines and ablations computed in the same run.
 
-Metrics, for each held-out pair (q_i, a_i) and its prediction p_i in teacher space:
+Each distinct question of a split (by ``text_key``) counts once; its relevant answers are every
+answer the split gives it. Its prediction p is scored against a bank of candidate answers, by
+default every distinct answer of the corpus (train, validation and test, as ``cube-ask`` would
+face them):
 
-* mean cosine: mean_i cos(p_i, a_i). Easy to inflate: the mean training answer already scores high.
-* retrieval among all distinct answers of the split: the candidates are ranked by cos(p_i, c);
-  rank_i is the rank of the best-ranked *correct* answer (any answer the split gives to the same
-  question). recall@k = mean_i [rank_i <= k], MRR = mean_i 1 / rank_i.
+* mean cosine: the mean over its relevant answers a of cos(p, a).
+* rank: 1 + the number of non-relevant candidates that score *at least* as high as the best
+  relevant one (ties count against the model); a prediction that is zero or not finite gets the
+  worst rank, 1 + all non-relevant candidates (and cosine -1 when not finite).
+  recall@k = [rank <= k], reciprocal rank = 1 / rank, averaged over questions (MRR).
+* ``mrr_split``: the same MRR with only the split's own answers as candidates.
 
 Baselines: the raw question embedding (p = q, no model), the mean training answer (what a model
-that only maximises cosine converges to), ridge regression q -> a (alpha chosen on the validation
-MRR), and a one-hidden-layer GELU MLP with the model's parameter count, trained with the same
-teacher-space loss terms, batch size, steps and optimizer schedule as the model. For a residual
-model (``model.residual``) ridge fits a - q and the MLP adds q to its output, like the model.
+that only maximises cosine converges to), ridge regression q -> a (alpha chosen on validation),
+and a one-hidden-layer GELU MLP with the model's parameter count, trained with the model's
+teacher-space loss terms and its settings plus ``eval.mlp``, kept at its best validation step
+like the model. For a residual model (``model.residual``) ridge fits a - q and the MLP adds q to
+its output, like the model. Validation ranks against the answers of train and validation only:
+nothing of the test split is seen before the final evaluation.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .common import derive_seed, epoch_permutation, lr_factor, param_groups
-from .config import Config
-from .data import PairSet, question_key
-from .losses import answer_losses
+from .config import Config, method_config
+from .data import PairSet, text_key
+from .losses import answer_losses, same_question
 
 
 @dataclass
-class Candidates:
-    """The distinct answers of a split and, for each pair, which of them are correct."""
+class RankingBank:
+    """Distinct answers (by ``text_key``), each with the embedding of its first text."""
+    keys: list[str]
     embeddings: torch.Tensor      # [M, T]
-    relevant: torch.Tensor        # [N, M] bool
+
+    @classmethod
+    def of(cls, *splits: PairSet) -> RankingBank:
+        first: dict[str, torch.Tensor] = {}
+        for pairs in splits:
+            for text, emb in zip(pairs.answers, pairs.a):
+                first.setdefault(text_key(text), emb)
+        return cls(list(first), torch.stack(list(first.values())).float().cpu())
 
 
-def candidates_of(pairs: PairSet) -> Candidates:
-    first: dict[str, int] = {}  # distinct answer text -> its first row
-    for i, text in enumerate(pairs.answers):
-        first.setdefault(text, i)
-    column = {text: j for j, text in enumerate(first)}
-    emb = pairs.a[torch.tensor(list(first.values()), dtype=torch.long)]
-    groups: dict[str, set[int]] = {}
-    for q, a in zip(pairs.questions, pairs.answers):
-        groups.setdefault(question_key(q), set()).add(column[a])
-    relevant = torch.zeros(len(pairs), len(column), dtype=torch.bool)
-    for i, q in enumerate(pairs.questions):
-        relevant[i, list(groups[question_key(q)])] = True
-    return Candidates(emb, relevant)
+@dataclass
+class Queries:
+    """The distinct questions of a split (by ``text_key``, each once, with the embedding of its
+    first text) and which answers of a bank are relevant to each."""
+    keys: list[str]
+    q: torch.Tensor               # [Nq, T]
+    relevant: torch.Tensor        # [Nq, M] bool
+
+    @classmethod
+    def of(cls, pairs: PairSet, bank: RankingBank) -> Queries:
+        column = {k: j for j, k in enumerate(bank.keys)}
+        rows: dict[str, int] = {}
+        first, answers = [], []
+        for i, (question, answer) in enumerate(zip(pairs.questions, pairs.answers)):
+            key = text_key(question)
+            if key not in rows:
+                rows[key] = len(rows)
+                first.append(i)
+                answers.append(set())
+            if text_key(answer) not in column:
+                raise ValueError(f"the answer bank lacks the answer {answer!r} of question {question!r}")
+            answers[rows[key]].add(column[text_key(answer)])
+        relevant = torch.zeros(len(rows), len(bank.keys), dtype=torch.bool)
+        for r, cols in enumerate(answers):
+            relevant[r, sorted(cols)] = True
+        return cls(list(rows), pairs.q[torch.tensor(first, dtype=torch.long)].float().cpu(), relevant)
 
 
-def candidates_of_tensors(answers: torch.Tensor) -> Candidates:
-    """Candidates when only embeddings are known: the distinct rows; each pair's own is correct."""
-    unique, inverse = torch.unique(answers.float().cpu(), dim=0, return_inverse=True)
-    relevant = torch.zeros(answers.shape[0], unique.shape[0], dtype=torch.bool)
-    relevant[torch.arange(answers.shape[0]), inverse] = True
-    return Candidates(unique, relevant)
-
-
-def retrieval_metrics(pred: torch.Tensor, answers: torch.Tensor, cands: Candidates,
-                      ks=(1, 10)) -> dict[str, float]:
-    pred, answers = pred.float().cpu(), answers.float().cpu()
-    scores = F.normalize(pred, dim=-1) @ F.normalize(cands.embeddings.float(), dim=-1).T
-    best = scores.masked_fill(~cands.relevant, float("-inf")).max(dim=1).values
-    rank = 1 + ((scores > best.unsqueeze(1)) & ~cands.relevant).sum(dim=1)
-    out = {"mean_cosine": F.cosine_similarity(pred, answers, dim=-1).mean().item()}
-    out.update({f"recall@{k}": (rank <= k).float().mean().item() for k in ks})
-    out["mrr"] = (1.0 / rank.float()).mean().item()
+def question_scores(pred: torch.Tensor, queries: Queries, bank: RankingBank, ks=(1, 10)) -> dict[str, torch.Tensor]:
+    """Per question ``[Nq]``: ``mean_cosine``, ``recall@k`` (0 or 1) and ``mrr`` (the reciprocal
+    rank), with the rules of the module docstring."""
+    pred = pred.float().cpu()
+    rel = queries.relevant
+    valid = torch.isfinite(pred).all(-1) & (pred.abs().sum(-1) > 0)
+    scores = F.normalize(torch.where(valid.unsqueeze(1), pred, 0.0), dim=-1) @ F.normalize(bank.embeddings, dim=-1).T
+    best = scores.masked_fill(~rel, float("-inf")).max(dim=1).values
+    rank = 1 + ((scores >= best.unsqueeze(1)) & ~rel).sum(dim=1)
+    rank = torch.where(valid, rank, 1 + (~rel).sum(dim=1))
+    cosine = (scores * rel).sum(1) / rel.sum(1)
+    out = {"mean_cosine": torch.where(torch.isfinite(pred).all(-1), cosine, -1.0)}
+    out.update({f"recall@{k}": (rank <= k).float() for k in ks})
+    out["mrr"] = 1.0 / rank.float()
     return out
+
+
+class HeldOut:
+    """A held-out split ready to be scored: its distinct questions ranked against ``bank`` (and,
+    for ``mrr_split``, against the split's own answers)."""
+
+    def __init__(self, pairs: PairSet, bank: RankingBank, ks=(1, 10)):
+        self.pairs, self.bank, self.ks = pairs, bank, tuple(ks)
+        self.queries = Queries.of(pairs, bank)
+        self.own_bank = RankingBank.of(pairs)
+        self.own = Queries.of(pairs, self.own_bank)
+
+    @property
+    def q(self) -> torch.Tensor:
+        """The questions to predict, ``[Nq, T]``: one row per distinct question."""
+        return self.queries.q
+
+    def scores(self, pred: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-question scores of the predictions ``pred`` ``[Nq, T]`` for ``self.q``."""
+        out = question_scores(pred, self.queries, self.bank, self.ks)
+        out["mrr_split"] = question_scores(pred, self.own, self.own_bank, ks=())["mrr"]
+        return out
+
+    def metrics(self, pred: torch.Tensor) -> dict[str, float]:
+        return {k: v.mean().item() for k, v in self.scores(pred).items()}
+
+
+def validation_set(splits: dict[str, PairSet], ks=(1, 10)) -> HeldOut:
+    """The validation split, ranked against the answers of train and validation (not test)."""
+    return HeldOut(splits["val"], RankingBank.of(splits["train"], splits["val"]), ks)
 
 
 def ridge_fit(q: torch.Tensor, a: torch.Tensor, alpha: float):
@@ -80,8 +137,8 @@ def ridge_fit(q: torch.Tensor, a: torch.Tensor, alpha: float):
 
 
 class MLP(nn.Module):
-    """``q -> W2 gelu(W1 q + b1) + b2``, plus ``q`` (with W2 = 0 at the start) when the model
-    under comparison is residual."""
+    """``q -> W2 gelu(W1 q + b1) + b2``, plus ``q`` (with W2 = 0 and b2 = 0 at the start, so it
+    starts as the raw question like the model) when the model under comparison is residual."""
 
     def __init__(self, dim: int, hidden: int, residual: bool):
         super().__init__()
@@ -90,14 +147,26 @@ class MLP(nn.Module):
         if residual:
             with torch.no_grad():
                 self.net[2].weight.zero_()
+                self.net[2].bias.zero_()
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         return self.net(q) + q if self.residual else self.net(q)
 
 
-def train_mlp(train: PairSet, cfg: Config, hidden: int) -> nn.Module:
-    """The MLP baseline, trained like the model (AdamW, warmup + cosine, same batch and steps,
-    the teacher-space loss terms with the same weights)."""
+@dataclass
+class Trained:
+    """A trained method: its predictor, trainable parameter count and the step it was kept at."""
+    predict: Callable[[torch.Tensor], torch.Tensor]
+    params: int
+    step: int
+    val_mrr: float
+    history: list[dict] = field(default_factory=list)
+
+
+def train_mlp(train: PairSet, val: HeldOut, cfg: Config, hidden: int) -> Trained:
+    """The MLP baseline, trained like the model (AdamW, warmup + cosine, batch, steps, the
+    teacher-space loss terms with their weights, same-question answers not negatives), checked
+    on validation at step 0 and every ``train.eval_every`` steps and kept at its best step."""
     d, t = train.q.shape[1], cfg.train
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.seed, "mlp-init"))
@@ -105,14 +174,26 @@ def train_mlp(train: PairSet, cfg: Config, hidden: int) -> nn.Module:
     opt = torch.optim.AdamW(param_groups(mlp, t.weight_decay), lr=t.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, t.warmup_steps, t.steps, t.min_lr_ratio))
+    ids = train.question_ids()
     B, N = t.batch_size, len(train)
     epoch, cursor = 0, 0
-    for _ in range(t.steps):
+    best, history = None, []
+
+    def check(step: int):
+        nonlocal best
+        with torch.no_grad():
+            metrics = val.metrics(mlp(val.q))
+        history.append({"kind": "val", "step": step, **metrics})
+        if best is None or metrics["mrr"] > best[1]:
+            best = (step, metrics["mrr"], copy.deepcopy(mlp.state_dict()))
+
+    check(0)
+    for step in range(1, t.steps + 1):
         if cursor + B > N:
             epoch, cursor = epoch + 1, 0
         idx = epoch_permutation(cfg.seed, epoch, N)[cursor:cursor + B]
         cursor += B
-        terms = answer_losses(mlp(train.q[idx]), train.a[idx], cfg.loss)
+        terms = answer_losses(mlp(train.q[idx]), train.a[idx], cfg.loss, same=same_question(ids[idx], ids[idx]))
         loss = cfg.loss.dialogue * terms["dialogue"] + cfg.loss.contrastive * terms["contrastive"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -120,7 +201,16 @@ def train_mlp(train: PairSet, cfg: Config, hidden: int) -> nn.Module:
             nn.utils.clip_grad_norm_(mlp.parameters(), t.clip_grad_norm)
         opt.step()
         sched.step()
-    return mlp.eval()
+        if step == t.steps or (t.eval_every and step % t.eval_every == 0):
+            check(step)
+    mlp.load_state_dict(best[2])
+    mlp.eval()
+
+    def predict(q):
+        with torch.no_grad():
+            return mlp(q)
+
+    return Trained(predict, sum(p.numel() for p in mlp.parameters()), best[0], best[1], history)
 
 
 def mlp_width(n_params: int, dim: int) -> int:
@@ -128,68 +218,51 @@ def mlp_width(n_params: int, dim: int) -> int:
     return max(1, round((n_params - dim) / (2 * dim + 1)))
 
 
-@dataclass
-class Row:
-    method: str
-    params: int
-    metrics: dict[str, float]
-
-
-def compare(trainer, splits: dict[str, PairSet], split: str = "test", baselines: bool = True,
-            log=print) -> list[Row]:
-    """The model's metrics on ``splits[split]`` and, with ``baselines``, those of every baseline."""
-    cfg = trainer.config
-    ks = tuple(cfg.eval.recall_at)
-    test = splits[split]
-    cands = candidates_of(test)
-    rows = [Row("cube lattice (this model)", trainer.num_parameters(),
-                retrieval_metrics(trainer.predict(test.q), test.a, cands, ks))]
-    if not baselines:
-        return rows
-    train, val = splits["train"], splits["val"]
-    rows.append(Row("raw question embedding", 0, retrieval_metrics(test.q, test.a, cands, ks)))
-    mean_answer = train.a.mean(0, keepdim=True).expand_as(test.a)
-    rows.append(Row("mean training answer", 0, retrieval_metrics(mean_answer, test.a, cands, ks)))
-    # A residual model is compared with a ridge that also predicts the change a - q.
+def ridge_baseline(splits: dict[str, PairSet], cfg: Config) -> tuple[Trained, float]:
+    """Ridge regression (of a - q for a residual model), alpha chosen on the validation MRR."""
+    train, val = splits["train"], validation_set(splits, cfg.eval.recall_at)
     res = 1.0 if cfg.model.residual else 0.0
 
     def ridge(alpha):
         fit = ridge_fit(train.q, train.a - res * train.q, alpha)
         return lambda q: fit(q) + res * q
 
-    val_cands = candidates_of(val)
-    scored = [(retrieval_metrics(ridge(alpha)(val.q), val.a, val_cands, ks)["mrr"], alpha)
-              for alpha in cfg.eval.ridge_alphas]
-    alpha = max(scored)[1]
+    scored = [(val.metrics(ridge(alpha)(val.q))["mrr"], alpha) for alpha in cfg.eval.ridge_alphas]
+    mrr, alpha = max(scored)
     d = train.q.shape[1]
-    rows.append(Row(f"ridge regression{' of a - q' if res else ''} (alpha={alpha:g}, chosen on val)", d * d + d,
-                    retrieval_metrics(ridge(alpha)(test.q), test.a, cands, ks)))
-    hidden = cfg.eval.mlp_hidden or mlp_width(trainer.num_parameters(), d)
-    log(f"training the MLP baseline (hidden={hidden}, {cfg.train.steps} steps)...")
-    mlp = train_mlp(train, cfg, hidden)
-    with torch.no_grad():
-        pred = mlp(test.q)
-    rows.append(Row(f"{'residual ' if res else ''}MLP (hidden={hidden}, same loss and steps)",
-                    sum(p.numel() for p in mlp.parameters()), retrieval_metrics(pred, test.a, cands, ks)))
-    return rows
+    return Trained(ridge(alpha), d * d + d, 0, mrr), alpha
 
 
-def format_table(rows: list[Row], pairs: PairSet, split: str = "test") -> str:
-    """A plain-text table, the chance level, and whether the model beats every baseline."""
-    keys = list(rows[0].metrics)
-    cands = candidates_of(pairs)
-    chance = cands.relevant.float().mean(1).mean().item()
-    lines = [f"Evaluation on the {split} split: {len(pairs)} pairs, {len({question_key(q) for q in pairs.questions})} "
-             f"questions, {cands.embeddings.shape[0]} candidate answers (chance recall@1 ~ {chance:.2%})",
-             f"{'method':<56}{'params':>10}" + "".join(f"{k:>13}" for k in keys)]
-    for r in rows:
-        lines.append(f"{r.method:<56}{r.params:>10,}" + "".join(f"{r.metrics[k]:>13.4f}" for k in keys))
-    if len(rows) > 1:
-        ours, others = rows[0], rows[1:]
-        lines.append("Does the model beat every baseline?")
-        for k in keys:
-            best = max(others, key=lambda r: r.metrics[k])
-            beats = ours.metrics[k] > best.metrics[k]
-            lines.append(f"  {k:<12} {'yes' if beats else 'NO ':<4} ({ours.metrics[k]:.4f}; best baseline: "
-                         f"{best.method.split(' (')[0]}, {best.metrics[k]:.4f})")
-    return "\n".join(lines)
+@dataclass
+class Row:
+    method: str
+    params: int
+    step: int | None                  # the training step evaluated (best on validation); None: untrained
+    scores: dict[str, torch.Tensor]   # per question
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return {k: v.mean().item() for k, v in self.scores.items()}
+
+
+def compare(trained: list[tuple[str, Trained]], splits: dict[str, PairSet], cfg: Config, split: str = "test",
+            baselines: bool = True, log=print) -> tuple[HeldOut, list[Row]]:
+    """Scores on ``splits[split]`` (ranked against every answer of the corpus) of the ``trained``
+    methods (the model first, then its ablations) and, with ``baselines``, of every baseline."""
+    held = HeldOut(splits[split], RankingBank.of(*splits.values()), cfg.eval.recall_at)
+    rows = [Row(name, t.params, t.step, held.scores(t.predict(held.q))) for name, t in trained]
+    if not baselines:
+        return held, rows
+    train = splits["train"]
+    rows.append(Row("raw question embedding", 0, None, held.scores(held.q)))
+    rows.append(Row("mean training answer", 0, None, held.scores(train.a.mean(0, keepdim=True).expand_as(held.q))))
+    ridge, alpha = ridge_baseline(splits, cfg)
+    residual = " of a - q" if cfg.model.residual else ""
+    rows.append(Row(f"ridge regression{residual} (alpha={alpha:g})", ridge.params, None, held.scores(ridge.predict(held.q))))
+    mlp_cfg = method_config(cfg, "mlp")
+    hidden = mlp_cfg.eval.mlp_hidden or mlp_width(trained[0][1].params, train.q.shape[1])
+    log(f"training the MLP baseline (hidden={hidden}, {mlp_cfg.train.steps} steps)...")
+    mlp = train_mlp(train, validation_set(splits, cfg.eval.recall_at), mlp_cfg, hidden)
+    rows.append(Row(f"{'residual ' if residual else ''}MLP (hidden={hidden})", mlp.params, mlp.step,
+                    held.scores(mlp.predict(held.q))))
+    return held, rows

@@ -3,6 +3,7 @@ tied to the data it trained on by a fingerprint of its splits."""
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 from . import checkpoint as ckpt
@@ -11,7 +12,9 @@ from .config import ConfigError
 from .data import PairSet
 
 # What a run writes into out_dir besides checkpoints/ (removed with it by --overwrite).
-RUN_FILES = ("config.yaml", "metrics.jsonl", "training.png", "answer_bank.safetensors", "eval_*.json", "eval_*.txt")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "training.png", "answer_bank.safetensors", "eval_*.json", "eval_*.txt",
+             "best.json", "best.safetensors")
+RUN_DIRS = ("ablations",)  # runs of their own, trained after the model
 
 
 class RunDirectoryError(ConfigError):
@@ -48,6 +51,8 @@ def prepare_run_dir(out: str | Path, *, step: int, source: str | Path | None, ov
         for pattern in RUN_FILES:
             for path in out.glob(pattern):
                 path.unlink()
+        for name in RUN_DIRS:
+            shutil.rmtree(out / name, ignore_errors=True)
     ck_dir.mkdir(parents=True, exist_ok=True)
     for directory in (out, ck_dir):
         remove_stale_temporaries(directory)

@@ -33,8 +33,8 @@ from .checkpoint import CheckpointError
 from .common import derive_seed, epoch_permutation, lr_factor, param_groups
 from .config import Config, ConfigError, apply_overrides, config_from_dict, config_to_dict, load_config, validate
 from .data import DataError, PairSet
-from .evaluate import candidates_of, candidates_of_tensors, retrieval_metrics
-from .losses import compute_losses, surface_target
+from .evaluate import HeldOut, RankingBank
+from .losses import compute_losses, same_question, surface_target
 from .metrics import MetricsLog, plot_metrics, read_metrics
 from .model import CubeModel
 from .rundir import data_fingerprint, prepare_run_dir
@@ -46,6 +46,15 @@ FREE_KEYS = ("out_dir", "device", "train.progress", "teacher.cache_dir", "teache
              "eval.batch_size")
 # Steps in a row that float16 may skip (GradScaler backing off, overflowing forwards) before the run stops.
 MAX_SKIPPED_IN_A_ROW = 50
+
+
+BEST = "best"  # out_dir/best.{json,safetensors}: the model of the best validation MRR
+
+
+def best_checkpoint(run_dir: str | Path) -> Path | None:
+    """The best-on-validation checkpoint of a run directory (``fit``), if it has one."""
+    path = Path(run_dir) / f"{BEST}.json"
+    return path if path.is_file() else None
 
 
 class NonFiniteLossError(RuntimeError):
@@ -132,6 +141,7 @@ class CubeTrainer(nn.Module):
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.skipped_in_a_row = 0
         self.global_step = 0
+        self.best_val: dict | None = None  # {"step", "mrr"} of the best validation so far (fit)
         self.data_position = {"epoch": 0, "cursor": 0, "size": None}
         self.data_fingerprint: dict[str, str] = {}
         self.checkpoint_path: str | None = None  # the checkpoint last restored or saved
@@ -151,7 +161,8 @@ class CubeTrainer(nn.Module):
     # ------------------------------------------------------------------ inference
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        """The trainable parameters (a frozen lattice's are not counted)."""
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
     def forward(self, question_emb: torch.Tensor, seed: int | None = None) -> dict[str, torch.Tensor]:
         """The model's outputs for ``question_emb`` [B, teacher_dim] (see ``CubeModel.forward``);
@@ -172,14 +183,16 @@ class CubeTrainer(nn.Module):
             self.model.train(was_training)
         return torch.cat(out) if out else torch.empty(0, self.teacher_dim)
 
-    def evaluate(self, data: PairSet | torch.Tensor, answer_emb: torch.Tensor | None = None) -> dict[str, float]:
-        """Mean cosine, recall@k and MRR on held-out pairs: a ``PairSet`` (answers of the same
-        question all count as correct), or question and answer embeddings."""
-        ks = tuple(self.config.eval.recall_at)
+    def evaluate(self, data: PairSet | HeldOut | torch.Tensor, answer_emb: torch.Tensor | None = None) -> dict[str, float]:
+        """Mean cosine, recall@k and MRR (``evaluate.py``) on held-out data: a ``HeldOut`` (its
+        questions ranked against its answer bank), a ``PairSet`` (ranked against its own
+        answers), or question and answer embeddings (equal rows are the same text)."""
+        if isinstance(data, torch.Tensor):
+            data = PairSet.of_tensors(self._check("question_emb", data).cpu(),
+                                      self._check("answer_emb", answer_emb).cpu())
         if isinstance(data, PairSet):
-            return retrieval_metrics(self.predict(data.q), data.a, candidates_of(data), ks)
-        a = self._check("answer_emb", answer_emb).cpu()
-        return retrieval_metrics(self.predict(data), a, candidates_of_tensors(a), ks)
+            data = HeldOut(data, RankingBank.of(data), self.config.eval.recall_at)
+        return data.metrics(self.predict(data.q))
 
     def _check(self, name: str, emb) -> torch.Tensor:
         if not isinstance(emb, torch.Tensor) or emb.dim() != 2 or emb.shape[1] != self.teacher_dim:
@@ -224,10 +237,13 @@ class CubeTrainer(nn.Module):
         self.pool_filled[slots[:n_reset]] = False
         return slots, self.pool_states[slots], self.pool_filled[slots]
 
-    def train_step(self, question_emb: torch.Tensor, answer_emb: torch.Tensor) -> dict[str, float]:
+    def train_step(self, question_emb: torch.Tensor, answer_emb: torch.Tensor,
+                   question_ids: torch.Tensor | None = None) -> dict[str, float]:
         """One optimizer step on a batch; returns ``total_loss``, each ``<term>_loss``,
         ``cosine_similarity``, ``lr`` (of this step), ``grad_norm`` (before clipping) and
         ``skipped``. Under DDP every rank passes the same global batch and trains on its slice of it.
+        ``question_ids`` ``[B]``: pairs with the same id share a question, and their answers are
+        not each other's contrastive negatives (default: pairs with equal question embeddings).
 
         Under float16 autocast a step with non-finite gradients (the GradScaler lowers its scale)
         or a non-finite loss (an overflow in the forward) is skipped: ``skipped`` is True, there is
@@ -235,6 +251,11 @@ class CubeTrainer(nn.Module):
         q, a = self._check("question_emb", question_emb), self._check("answer_emb", answer_emb)
         if q.shape[0] != a.shape[0]:
             raise ValueError(f"question_emb has {q.shape[0]} rows but answer_emb has {a.shape[0]}")
+        if question_ids is None:
+            question_ids = torch.unique(q, dim=0, return_inverse=True)[1]
+        elif tuple(question_ids.shape) != (q.shape[0],):
+            raise ValueError(f"question_ids must have shape [{q.shape[0]}], got {tuple(question_ids.shape)}")
+        question_ids = question_ids.to(self.device)
         t, lc = self.config.train, self.config.loss
         B, accum = q.shape[0], t.grad_accum
         if B % (accum * self.world):
@@ -244,9 +265,9 @@ class CubeTrainer(nn.Module):
         if lc.contrastive > 0 and Bm < 2:
             raise ValueError(f"the contrastive loss needs micro-batches of >= 2 pairs, got {Bm}")
         with self._own_rng():
-            return self._step(q, a, Bm, Bm // self.world)
+            return self._step(q, a, question_ids, Bm, Bm // self.world)
 
-    def _step(self, q: torch.Tensor, a: torch.Tensor, Bm: int, Bl: int) -> dict[str, float]:
+    def _step(self, q: torch.Tensor, a: torch.Tensor, question_ids: torch.Tensor, Bm: int, Bl: int) -> dict[str, float]:
         t, lc = self.config.train, self.config.loss
         B, accum = q.shape[0], t.grad_accum
         pool = self._pool_take(B) if self.pool_states is not None else None
@@ -262,8 +283,10 @@ class CubeTrainer(nn.Module):
                 with self._autocast():
                     out = self._engine(q[rows], seed=derive_seed(self.config.seed, "fire", self.global_step, m,
                                                                  self.rank), **start)
+                micro = slice(m * Bm, (m + 1) * Bm)
                 losses = compute_losses(out, a[rows], surface_target(self.model, a[rows]), lc,
-                                        negatives=a[m * Bm:(m + 1) * Bm], offset=self.rank * Bl)
+                                        negatives=a[micro], offset=self.rank * Bl,
+                                        same=same_question(question_ids[rows], question_ids[micro]))
                 self.scaler.scale(losses["total_loss"] / accum).backward()
             sums += torch.stack([losses[k].detach().float() for k in LOSS_KEYS]) / accum
             if pool is not None:
@@ -317,7 +340,10 @@ class CubeTrainer(nn.Module):
             stop_after: int | None = None, overwrite: bool = False, log=print) -> list[dict]:
         """Trains until ``train.steps`` (or for ``stop_after`` more steps), logging to
         ``out_dir/metrics.jsonl``, checkpointing to ``out_dir/checkpoints`` and plotting to
-        ``out_dir/training.png``. Continues from the trainer's state (see ``resume``). An
+        ``out_dir/training.png``. With ``val``, evaluates on it (ranked against the answers of
+        ``train`` and ``val``) at step 0, every ``train.eval_every`` steps and at the end, and
+        keeps the model of the best validation MRR so far in ``out_dir/best`` (``best_checkpoint``;
+        ``best_val`` says which step). Continues from the trainer's state (see ``resume``). An
         ``out_dir`` that holds another run is refused unless ``overwrite`` (``prepare_run_dir``),
         and a resumed run must get the data it trained on (``check_data``).
         Returns the metric records of this call."""
@@ -343,14 +369,19 @@ class CubeTrainer(nn.Module):
             if metrics is not None:
                 metrics.write(rec)
 
+        held = HeldOut(val, RankingBank.of(train, val), cfg.eval.recall_at) if val is not None else None
+        if held is not None and self.global_step == 0:
+            self.best_val = None
+            self._validate(held, out, record)
         bar = tqdm(total=t.steps, initial=self.global_step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not (main and t.progress))
         window, n_window, busy, done, skipped = defaultdict(float), 0, 0.0, 0, 0
+        question_ids = train.question_ids()
         while self.global_step < t.steps and (stop_after is None or done < stop_after):
             idx = self._next_batch(N)
             tic = time.perf_counter()
             try:
-                res = self.train_step(train.q[idx], train.a[idx])
+                res = self.train_step(train.q[idx], train.a[idx], question_ids[idx])
             except NonFiniteLossError as exc:
                 bar.close()
                 where = (f"the last good checkpoint is {self.checkpoint_path}" if self.checkpoint_path
@@ -372,16 +403,16 @@ class CubeTrainer(nn.Module):
                 bar.set_postfix(loss=f"{rec['total_loss']:.4f}", cos=f"{rec['cosine_similarity']:.3f}",
                                 samples_s=f"{rec['samples_per_s']:.1f}")
                 window, n_window, busy, skipped = defaultdict(float), 0, 0.0, 0
-            if val is not None and t.eval_every and step % t.eval_every == 0 and step < t.steps:
-                record({"kind": "val", "step": step, **self.evaluate(val)})
+            if held is not None and t.eval_every and step % t.eval_every == 0 and step < t.steps:
+                self._validate(held, out, record)
             if main and t.checkpoint_every and step % t.checkpoint_every == 0:
                 self._save_run_checkpoint(ck_dir)
             bar.update(1)
         bar.close()
-        if self.global_step == t.steps and val is not None and done:
-            rec = {"kind": "val", "step": self.global_step, **self.evaluate(val)}
-            record(rec)
-            log("validation: " + ", ".join(f"{k}={v:.4f}" for k, v in rec.items() if k not in ("kind", "step")))
+        if self.global_step == t.steps and held is not None and done:
+            rec = self._validate(held, out, record)
+            log(f"validation at step {rec['step']}: " + ", ".join(f"{k}={rec[k]:.4f}" for k in ("mrr", "recall@1"))
+                + f"; best MRR {self.best_val['mrr']:.4f} at step {self.best_val['step']} ({out / BEST}.json)")
         if main:
             final = ckpt.checkpoint_stem(ck_dir, self.global_step)
             if done and (self.checkpoint_path is None or ckpt.stem_of(self.checkpoint_path) != final):
@@ -389,6 +420,17 @@ class CubeTrainer(nn.Module):
             plot_metrics(read_metrics(out / "metrics.jsonl"), out / "training.png")
             log(f"checkpoint: {self.checkpoint_path}\nmetrics: {out / 'metrics.jsonl'}\nplot: {out / 'training.png'}")
         return history
+
+    def _validate(self, held: HeldOut, out: Path, record) -> dict:
+        """Evaluates on validation, records it and keeps the model if it is the best so far
+        (strictly better MRR: a tie keeps the earlier step, at first the untrained model)."""
+        rec = {"kind": "val", "step": self.global_step, **self.evaluate(held)}
+        if self.best_val is None or rec["mrr"] > self.best_val["mrr"]:
+            self.best_val = {"step": self.global_step, "mrr": rec["mrr"]}
+            if self.rank == 0:
+                self.save(out / BEST)
+        record(dict(rec, best_step=self.best_val["step"]))
+        return rec
 
     def prepare_run_dir(self, out_dir: str | Path | None = None, *, overwrite: bool = False, log=print):
         """Readies ``out_dir`` (default: ``config.out_dir``) for this run: a directory that holds
@@ -446,7 +488,7 @@ class CubeTrainer(nn.Module):
                 "optimizer": {"param_groups": opt["param_groups"], "state": opt_json},
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "data_position": dict(self.data_position), "data_fingerprint": dict(self.data_fingerprint),
-                "versions": ckpt.library_versions()}
+                "best_val": self.best_val, "versions": ckpt.library_versions()}
         json_path = ckpt.write_checkpoint(path, tensors, meta)
         self.checkpoint_path = str(json_path)
         return json_path
@@ -506,6 +548,7 @@ class CubeTrainer(nn.Module):
             self.pool_filled.copy_(tensors["pool/filled"])
         self.global_step = meta["step"]
         self.data_position = dict(meta["data_position"])
+        self.best_val = meta.get("best_val")
         self.data_fingerprint = dict(meta.get("data_fingerprint") or {})
         self.checkpoint_path = where
 
