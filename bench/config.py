@@ -27,6 +27,7 @@ class Config:
     neighbourhood: str = "von_neumann"
     boundary: str = "zero"
     fire_rate: float = 1.0
+    alive_channel: int | None = None  # Growing-NCA alive masking on this channel (None: off)
     steps: int = 12
     batch: int = 8
     dtype: str = "float32"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -22,10 +23,11 @@ from .atomic import atomic_write, write_text_atomic
 FORMAT = "cube-trainer-checkpoint"
 VERSION = 1
 _STEM = re.compile(r"step_(\d+)$")
-# Required JSON fields and their types.
-_FIELDS = {"format": str, "version": int, "step": int, "config": dict, "teacher_dim": int,
-           "tensors_file": str, "tensors_bytes": int, "tensors_sha256": str, "tensor_index": dict,
-           "optimizer": dict, "scheduler": dict, "scaler": dict, "data_position": dict}
+# Required JSON fields and their types: those of every checkpoint, then the question-answer trainer's.
+BASE_FIELDS = {"format": str, "version": int, "step": int, "config": dict, "tensors_file": str,
+               "tensors_bytes": int, "tensors_sha256": str, "tensor_index": dict}
+_FIELDS = {**BASE_FIELDS, "teacher_dim": int, "optimizer": dict, "scheduler": dict, "scaler": dict,
+           "data_position": dict}
 
 
 class CheckpointError(RuntimeError):
@@ -103,8 +105,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return candidate
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """``(meta, tensors)`` of a checkpoint, after checking its structure, size and hash."""
+def read_checkpoint(path: str | Path, fields: dict[str, type] | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(meta, tensors)`` of a checkpoint, after checking its structure, size and hash.
+    ``fields``: the JSON fields it must have and their types (default: the trainer's)."""
     json_path = resolve_checkpoint(path)
     try:
         meta = json.loads(json_path.read_text())
@@ -114,7 +117,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise CheckpointError(f"{json_path} is not a {FORMAT} file")
     if meta.get("version") != VERSION:
         raise CheckpointError(f"{json_path} has format version {meta.get('version')!r}; this trainer reads {VERSION}")
-    for key, tp in _FIELDS.items():
+    for key, tp in (fields or _FIELDS).items():
         if not isinstance(meta.get(key), tp) or isinstance(meta.get(key), bool):
             raise CheckpointError(f"checkpoint {json_path}: field '{key}' is missing or not a {tp.__name__}")
     st_path = json_path.with_name(meta["tensors_file"])
@@ -137,3 +140,37 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
                               + (f"; missing tensors: {missing[:5]}" if missing else ""))
     meta["path"] = str(json_path)
     return meta, tensors
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's state dict split for a checkpoint: its tensors as ``optimizer/<param id>/<name>``,
+    and the rest (``{"param_groups": ..., "state": {param id: {name: value}}}``) for the JSON."""
+    opt = optimizer.state_dict()
+    tensors, rest = {}, {}
+    for pid, state in opt["state"].items():
+        for k, v in state.items():
+            if torch.is_tensor(v):
+                tensors[f"optimizer/{pid}/{k}"] = v
+            else:
+                rest.setdefault(str(pid), {})[k] = v
+    return tensors, {"param_groups": opt["param_groups"], "state": rest}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, tensors: dict[str, torch.Tensor],
+                         where: str):
+    """Restores what ``optimizer_state`` split (``saved``: its JSON part) into ``optimizer``."""
+    groups = saved["param_groups"]
+    if [len(g.get("params", [])) for g in groups] != [len(g["params"]) for g in optimizer.param_groups]:
+        raise CheckpointError(f"checkpoint {where}: its optimizer state does not fit this model")
+    state: dict[int, dict] = defaultdict(dict)
+    for k, v in tensors.items():
+        if k.startswith("optimizer/"):
+            _, pid, name = k.split("/", 2)
+            state[int(pid)][name] = v
+    for pid, extra in saved["state"].items():
+        state[int(pid)].update(extra)
+    groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in groups]
+    try:
+        optimizer.load_state_dict({"state": dict(state), "param_groups": groups})
+    except (KeyError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {where}: cannot restore the optimizer state: {exc}") from None

@@ -348,20 +348,14 @@ class CubeTrainer(nn.Module):
         """Writes the whole training state to ``path.safetensors`` + ``path.json`` (atomically);
         returns the JSON path."""
         tensors = {f"model/{k}": v for k, v in self.model.state_dict().items()}
-        opt = self.optimizer.state_dict()
-        opt_json: dict[str, dict] = {}
-        for pid, state in opt["state"].items():
-            for k, v in state.items():
-                if torch.is_tensor(v):
-                    tensors[f"optimizer/{pid}/{k}"] = v
-                else:
-                    opt_json.setdefault(str(pid), {})[k] = v
+        opt_tensors, opt_json = ckpt.optimizer_state(self.optimizer)
+        tensors.update(opt_tensors)
         tensors["rng/torch"] = torch.get_rng_state()
         tensors["rng/generator"] = self.generator.get_state()
         if self.pool_states is not None:
             tensors["pool/states"], tensors["pool/filled"] = self.pool_states, self.pool_filled
         meta = {"step": self.global_step, "config": config_to_dict(self.config), "teacher_dim": self.teacher_dim,
-                "optimizer": {"param_groups": opt["param_groups"], "state": opt_json},
+                "optimizer": opt_json,
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "data_position": dict(self.data_position),
                 "versions": {"torch": torch.__version__, "cube_kernels": cube_kernels.__version__}}
@@ -378,19 +372,8 @@ class CubeTrainer(nn.Module):
             raise CheckpointError(f"checkpoint {where} does not fit this model: missing {missing[:4]}, "
                                   f"unexpected {unexpected[:4]}, shape mismatches {wrong[:4]}")
         self.model.load_state_dict(model_sd)
-        groups = meta["optimizer"]["param_groups"]
-        if [len(g.get("params", [])) for g in groups] != [len(g["params"]) for g in self.optimizer.param_groups]:
-            raise CheckpointError(f"checkpoint {where}: its optimizer state does not fit this model")
-        state: dict[int, dict] = defaultdict(dict)
-        for k, v in tensors.items():
-            if k.startswith("optimizer/"):
-                _, pid, name = k.split("/", 2)
-                state[int(pid)][name] = v
-        for pid, extra in meta["optimizer"]["state"].items():
-            state[int(pid)].update(extra)
-        groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in groups]
+        ckpt.load_optimizer_state(self.optimizer, meta["optimizer"], tensors, where)
         try:
-            self.optimizer.load_state_dict({"state": dict(state), "param_groups": groups})
             self.scheduler.load_state_dict(meta["scheduler"])
             if self.scaler.is_enabled() and meta["scaler"]:
                 self.scaler.load_state_dict(meta["scaler"])
