@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: setup test train bench cuda-check cuda-build
+.PHONY: setup test train bench cuda-check cuda-build gpu-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,3 +30,7 @@ cuda-check:
 
 cuda-build:
 	bash scripts/check_cuda.sh --full
+
+# On a machine with a GPU: the CUDA build, every CUDA and Triton test, the GPU benchmark columns.
+gpu-check:
+	bash scripts/gpu_check.sh

@@ -23,6 +23,16 @@ def _sources(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+# The CUDA build's at::mm(a, b, out_dtype) is torch 2.8's; the CPU build needs 2.4's
+# torch.library.register_fake / register_autograd / custom_op.
+TORCH_FLOOR, CUDA_TORCH_FLOOR = (2, 4), (2, 8)
+
+
+def _version(v: str) -> tuple[int, int]:
+    major, minor = v.split(".")[:2]
+    return int(major), int(minor)
+
+
 def _with_cuda() -> bool:
     if os.environ.get("FORCE_ONLY_CPU", "0") == "1":
         return False
@@ -51,6 +61,10 @@ def _extensions():
         raise SystemExit(f"cube-kernels: a CUDA build needs a CUDA build of torch (this is torch "
                          f"{torch.__version__}) and the CUDA toolkit (CUDA_HOME: {CUDA_HOME}); "
                          "set FORCE_ONLY_CPU=1 for the CPU kernels only")
+    if _version(torch.__version__) < CUDA_TORCH_FLOOR:
+        raise SystemExit(f"cube-kernels: the CUDA kernels need torch >= 2.8 (at::mm with an fp32 "
+                         f"out_dtype), this is torch {torch.__version__}; set FORCE_ONLY_CPU=1 for "
+                         "the CPU kernels only")
     os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("CUBE_CUDA_ARCHS", "8.0;9.0")
     sources += _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
     return [CUDAExtension(
@@ -70,13 +84,16 @@ def main():
         version="0.1.0",
         description="Fused CPU, CUDA and Triton kernels for a 3D cellular gMLP lattice",
         python_requires=">=3.10",
-        # The kernel package from the root, the trainer from python/.
-        packages=find_packages(include=["cube_kernels", "cube_kernels.*"]) + find_packages("python"),
-        package_dir={"cube_trainer": "python/cube_trainer"},
+        # The kernel package from the root, the trainer from python/, and every YAML of configs/
+        # as the trainer's package data (cube-train --config NAME; cube_trainer.config.packaged_configs).
+        packages=find_packages(include=["cube_kernels", "cube_kernels.*"]) + find_packages("python")
+        + ["cube_trainer.configs"],
+        package_dir={"cube_trainer": "python/cube_trainer", "cube_trainer.configs": "configs"},
+        package_data={"cube_trainer.configs": ["*.yaml"]},
         ext_modules=_extensions(),
         cmdclass={"build_ext": BuildExtension},  # uses ninja when it is installed
         install_requires=[
-            "torch>=2.4",
+            "torch>={}.{}".format(*(CUDA_TORCH_FLOOR if _with_cuda() else TORCH_FLOOR)),
             "numpy",
             "pyyaml",
             "tqdm",
@@ -88,7 +105,8 @@ def main():
             "chitchat-dataset",
         ],
         extras_require={
-            "test": ["pytest", "pytest-benchmark", "triton"],
+            # 3.4: tl.rand bit for bit SPEC's fire mask, and triton.knobs
+            "test": ["pytest", "pytest-benchmark", "triton>=3.4"],
             "bench": ["torch-geometric", "jax"],
         },
         entry_points={"console_scripts": [

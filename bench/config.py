@@ -6,15 +6,11 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from cube_kernels.spec import PARAM_SHAPES
+
 from . import flops
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Shapes of the SPEC's cell parameters; K is the neighbourhood's token count.
-PARAM_SHAPES = {
-    "ln1_weight": ("C",), "ln1_bias": ("C",), "w_in": ("C", "2F"), "b_in": ("2F",),
-    "ln2_weight": ("F",), "ln2_bias": ("F",), "w_sp": ("K", "F"), "b_sp": ("F",),
-    "w_out": ("F", "C"), "b_out": ("C",),
-}
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,11 @@ import torch
 
 from cube_kernels.neighbourhood import offsets
 from cube_kernels.philox import fire_mask
+from cube_kernels.spec import LN_EPS
 
 from .config import Config
 from .impls import Runner
 
-LN_EPS = 1e-5
 _JAX_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 

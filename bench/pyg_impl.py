@@ -11,10 +11,9 @@ from torch_geometric.nn import MessagePassing
 
 from cube_kernels.neighbourhood import offsets
 from cube_kernels.philox import fire_mask
+from cube_kernels.spec import LN_EPS
 
 from .config import Config
-
-LN_EPS = 1e-5
 
 
 def lattice_graph(depth: int, height: int, width: int, neighbourhood: str, boundary: str,

@@ -13,7 +13,8 @@ import torch
 
 from cube_kernels import backends, reference
 from cube_kernels.neighbourhood import num_tokens
-from cube_kernels.step import PARAM_NAMES, fused_step
+from cube_kernels.spec import PARAM_NAMES
+from cube_kernels.step import fused_step
 
 from .config import Config, make_inputs
 

@@ -12,6 +12,9 @@
 
 namespace cube {
 
+// The eps of both LayerNorms of a step (cube_kernels.spec.LN_EPS).
+constexpr double kLayerNormEps = 1e-5;
+
 enum Neighbourhood : int { kVonNeumann = 0, kMoore = 1 };
 enum Boundary : int { kZero = 0, kPeriodic = 1 };
 

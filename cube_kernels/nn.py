@@ -9,7 +9,9 @@ from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from . import backends, reference
 from .neighbourhood import check_boundary, num_tokens
-from .step import PARAM_NAMES, fused_step
+from .ops.checks import check_fire_rate, check_seed, check_tensor
+from .spec import ALIVE_THRESHOLD, PARAM_NAMES, param_shapes
+from .step import check_step, fused_step
 
 
 class GMLPCell(nn.Module):
@@ -19,18 +21,9 @@ class GMLPCell(nn.Module):
         super().__init__()
         if channels < 1 or hidden < 1:
             raise ValueError(f"channels and hidden must be >= 1, got {channels} and {hidden}")
-        K = num_tokens(neighbourhood)
         self.channels, self.hidden, self.neighbourhood = channels, hidden, neighbourhood
-        self.ln1_weight = nn.Parameter(torch.ones(channels))
-        self.ln1_bias = nn.Parameter(torch.zeros(channels))
-        self.w_in = nn.Parameter(torch.empty(channels, 2 * hidden))
-        self.b_in = nn.Parameter(torch.zeros(2 * hidden))
-        self.ln2_weight = nn.Parameter(torch.ones(hidden))
-        self.ln2_bias = nn.Parameter(torch.zeros(hidden))
-        self.w_sp = nn.Parameter(torch.empty(K, hidden))
-        self.b_sp = nn.Parameter(torch.ones(hidden))
-        self.w_out = nn.Parameter(torch.empty(hidden, channels))
-        self.b_out = nn.Parameter(torch.zeros(channels))
+        for name, shape in param_shapes(channels, hidden, num_tokens(neighbourhood)).items():
+            setattr(self, name, nn.Parameter(torch.empty(shape)))
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -56,22 +49,20 @@ class CubeLattice(nn.Module):
     states, run for ``steps`` stochastic steps.
 
     ``backend``: ``auto`` (fused CPU or CUDA kernels, Triton on a GPU without them, else the
-    reference), ``reference``, ``cpu``, ``cuda`` or ``triton``; the ``CUBE_BACKEND`` environment
-    variable overrides it. The fused backends keep only each step's input for backward;
+    reference; the ``CUBE_BACKEND`` environment variable overrides that choice), ``reference``,
+    ``cpu``, ``cuda`` or ``triton``. The fused backends keep only each step's input for backward;
     ``checkpoint=True`` gives the reference the same memory profile with torch.utils.checkpoint.
     """
 
     def __init__(self, depth: int = 11, height: int = 15, width: int = 15, channels: int = 64,
                  hidden: int = 128, neighbourhood: str = "von_neumann", boundary: str = "zero",
                  fire_rate: float = 1.0, alive_channel: int | None = None,
-                 alive_threshold: float = reference.ALIVE_THRESHOLD, backend: str = "auto",
+                 alive_threshold: float = ALIVE_THRESHOLD, backend: str = "auto",
                  checkpoint: bool = False):
         super().__init__()
         for name, n in (("depth", depth), ("height", height), ("width", width)):
             if not isinstance(n, int) or n < 1:
                 raise ValueError(f"{name} must be a positive int, got {n!r}")
-        if not 0.0 <= fire_rate <= 1.0:
-            raise ValueError(f"fire_rate must be in [0, 1], got {fire_rate}")
         if alive_channel is not None and not 0 <= alive_channel < channels:
             raise ValueError(f"alive_channel must be in [0, {channels}), got {alive_channel}")
         if backend not in backends.BACKENDS:
@@ -79,13 +70,22 @@ class CubeLattice(nn.Module):
         self.shape = (depth, height, width)
         self.cell = GMLPCell(channels, hidden, neighbourhood)
         self.boundary = check_boundary(boundary)
-        self.fire_rate = fire_rate
+        self.fire_rate = fire_rate  # checked by the property's setter
         self.alive_channel, self.alive_threshold = alive_channel, alive_threshold
         self.backend, self.checkpoint = backend, checkpoint
 
     @property
     def channels(self) -> int:
         return self.cell.channels
+
+    @property
+    def fire_rate(self) -> float:
+        return self._fire_rate
+
+    @fire_rate.setter
+    def fire_rate(self, value: float) -> None:
+        check_fire_rate(value)
+        self._fire_rate = float(value)
 
     def extra_repr(self) -> str:
         D, H, W = self.shape
@@ -94,13 +94,19 @@ class CubeLattice(nn.Module):
 
     def _check_state(self, x: torch.Tensor):
         want = (*self.shape, self.channels)
-        if not isinstance(x, torch.Tensor) or x.dim() != 5 or tuple(x.shape[1:]) != want:
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x must be a [B, D, H, W, C] = [B, {', '.join(map(str, want))}] tensor, got {got}")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 5 or tuple(x.shape[1:]) != want:
+            raise ValueError(f"x must be a [B, D, H, W, C] = [B, {', '.join(map(str, want))}] tensor, "
+                             f"got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
-        if x.device != self.cell.w_in.device:
-            raise ValueError(f"x is on {x.device} but the lattice's parameters are on {self.cell.w_in.device}")
+        w = self.cell.w_in
+        if x.device != w.device:
+            raise ValueError(f"x is on {x.device} but the lattice's parameters are on {w.device}")
+        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"x has dtype {x.dtype} but the lattice's parameters have {w.dtype}: convert "
+                            f"one (lattice.to({x.dtype}) or x.to({w.dtype})), or run under torch.autocast")
 
     def step(self, x: torch.Tensor, *, seed: int, step: int) -> torch.Tensor:
         """One step of SPEC.md, its fire mask drawn from ``(seed, step)``."""
@@ -108,6 +114,7 @@ class CubeLattice(nn.Module):
                   fire_rate=self.fire_rate, alive_channel=self.alive_channel,
                   alive_threshold=self.alive_threshold)
         name = backends.resolve(self.backend, x.device)
+        check_step(x, self.cell.params(), **kw)  # every backend rejects bad input alike
         if name != "reference":
             return fused_step(x, self.cell.params(), backend=name, **kw)
         if self.checkpoint and torch.is_grad_enabled():
@@ -122,15 +129,19 @@ class CubeLattice(nn.Module):
         front face (d = 0) before every step. Returns the final state, or the list of the
         ``steps`` states after each step with ``return_states``."""
         self._check_state(x)
-        if not isinstance(steps, int) or steps < 0:
+        if isinstance(steps, bool) or not isinstance(steps, int):
+            raise TypeError(f"steps must be a non-negative int, got {steps!r}")
+        if steps < 0:
             raise ValueError(f"steps must be a non-negative int, got {steps!r}")
         if inject is not None:
             B, (_, H, W) = x.shape[0], self.shape
-            if inject.dim() != 4 or tuple(inject.shape[:3]) != (B, H, W) or not 1 <= inject.shape[3] <= self.channels:
+            check_tensor("inject", inject, 4, x, "x", same_dtype=False)
+            if tuple(inject.shape[:3]) != (B, H, W) or not 1 <= inject.shape[3] <= self.channels:
                 raise ValueError(f"inject must be [B, H, W, E] = [{B}, {H}, {W}, E<= {self.channels}], "
                                  f"got {tuple(inject.shape)}")
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()))
+        check_seed(seed)
         states = []
         for t in range(steps):
             if inject is not None:

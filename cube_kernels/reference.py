@@ -7,9 +7,10 @@ import torch.nn.functional as F
 
 from .neighbourhood import check_boundary, offsets
 from .philox import fire_mask
+from .spec import ALIVE_THRESHOLD, LN_EPS
 
-LN_EPS = 1e-5
-ALIVE_THRESHOLD = 0.1
+__all__ = ["ALIVE_THRESHOLD", "LN_EPS", "alive", "cell_input", "gate_input", "gather_gate", "rollout",
+           "shift", "step", "update"]
 
 
 def shift(t: torch.Tensor, offset: tuple[int, int, int], boundary: str) -> torch.Tensor:
@@ -38,14 +39,15 @@ def gather_gate(u, vn, w_sp, b_sp, neighbourhood: str, boundary: str):
 
 
 def update(x, h, w_out, b_out, seed: int, step: int, fire_rate: float):
-    """``x + m * (h @ w_out + b_out)`` with the Philox fire mask of SPEC.md."""
-    delta = h @ w_out + b_out
+    """``where(m, x + (h @ w_out + b_out), x)`` with the Philox fire mask of SPEC.md: a cell that
+    does not fire keeps ``x`` bit for bit, even where the update is Inf or NaN."""
+    x_fired = x + (h @ w_out + b_out)
     if fire_rate >= 1.0:
-        return x + delta
+        return x_fired
     B = x.shape[0]
     cells = x[0, ..., 0].numel()
     m = fire_mask(seed, step, B, cells, fire_rate, x.device).view(x.shape[:-1] + (1,))
-    return x + m.to(delta.dtype) * delta
+    return torch.where(m, x_fired, x)
 
 
 def alive(x, channel: int, threshold: float = ALIVE_THRESHOLD):
@@ -54,14 +56,19 @@ def alive(x, channel: int, threshold: float = ALIVE_THRESHOLD):
     return (F.max_pool3d(a, 3, stride=1, padding=1) > threshold).squeeze(1)
 
 
+def gate_input(proj, b_in, ln2_weight, ln2_bias):
+    """The in-projection's bias, GELU and the gate's LayerNorm: ``(u, vn)`` from
+    ``proj = y @ w_in`` (``[..., 2F]``), both ``[..., F]``."""
+    Fh = proj.shape[-1] // 2
+    z = F.gelu(proj + b_in)
+    u, v = z[..., :Fh], z[..., Fh:]
+    return u, F.layer_norm(v, (Fh,), ln2_weight, ln2_bias, LN_EPS)
+
+
 def cell_input(x, ln1_weight, ln1_bias, w_in, b_in, ln2_weight, ln2_bias):
     """LayerNorm, in-projection, GELU and the gate's LayerNorm: ``(u, vn)``."""
-    Fh = w_in.shape[1] // 2
     y = F.layer_norm(x, (x.shape[-1],), ln1_weight, ln1_bias, LN_EPS)
-    z = F.gelu(y @ w_in + b_in)
-    u, v = z[..., :Fh], z[..., Fh:]
-    vn = F.layer_norm(v, (Fh,), ln2_weight, ln2_bias, LN_EPS)
-    return u, vn
+    return gate_input(y @ w_in, b_in, ln2_weight, ln2_bias)
 
 
 def step(x, params: dict, *, seed: int, step: int, neighbourhood: str = "von_neumann",

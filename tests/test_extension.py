@@ -72,7 +72,8 @@ def test_wrappers_import_and_raise_without_extension():
         sys.meta_path.insert(0, NotBuilt())
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            from cube_kernels import _extension, gather_gate, update
+            from cube_kernels import _extension
+            from cube_kernels.ops import gather_gate, update
             assert not _extension.load() and not _extension.has_cuda()
         assert sum("is not built" in str(w.message) for w in caught) == 1, caught
         for call in (lambda: gather_gate.gather_gate(None, None, None, None, "moore", "zero"),
@@ -101,3 +102,70 @@ def test_built_library_reports_running_torch():
     assert torch.__version__.startswith(info["torch"])
     # A CUDA build registers the CUDA kernels, a CPU-only one does not.
     assert _extension.has_cuda() == (info["cuda"] == "1")
+
+
+def test_baseline_isa_matches_reference():
+    """Where the AVX2 loops run, the portable baseline ones (SSE2 on x86-64) are hidden: the CPU
+    ops' reference comparisons again, in a process with CUBE_CPU_ISA=baseline."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if not _extension.load():
+            pytest.skip("cube_kernels._C is not built")
+    if os.environ.get("CUBE_CPU_ISA") == "baseline" or _extension.build_info()["cpu_isa"] == "baseline":
+        pytest.skip("the other tests already run the baseline loops")
+    here = os.path.dirname(os.path.abspath(__file__))
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         *(os.path.join(here, f) for f in ("test_gather_gate.py", "test_update.py", "test_gate_input.py")),
+         "-k", "(matches_reference and cpu) or (matches_functional and op) or low_precision "
+               "or (gradcheck and (cpu or op)) or isa_in_use"],
+        env=dict(os.environ, CUBE_CPU_ISA="baseline"), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:]
+    assert " passed" in done.stdout
+
+
+def test_isa_in_use():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if not _extension.load():
+            pytest.skip("cube_kernels._C is not built")
+    isa = _extension.build_info()["cpu_isa"]
+    assert isa in ("avx2", "baseline")
+    if os.environ.get("CUBE_CPU_ISA") == "baseline":
+        assert isa == "baseline"
+
+
+def test_import_cube_kernels_registers_the_ops_autograd_and_fakes():
+    """After a bare `import cube_kernels` in a fresh interpreter, torch.ops.cube.* are
+    differentiable (no 'autograd kernel was not registered' warning, gradients arrive) and
+    traceable with fake tensors."""
+    script = textwrap.dedent("""
+        import warnings
+        warnings.simplefilter("error")
+        import torch
+        import cube_kernels
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        u, vn = torch.randn(1, 2, 2, 2, 3, requires_grad=True), torch.randn(1, 2, 2, 2, 3)
+        torch.ops.cube.gather_gate(u, vn, torch.randn(7, 3), torch.ones(3), "von_neumann", "zero").sum().backward()
+        x, h = torch.randn(1, 2, 2, 2, 4, requires_grad=True), torch.randn(1, 2, 2, 2, 3, requires_grad=True)
+        torch.ops.cube.update(x, h, torch.randn(3, 4), torch.zeros(4), 0, 0, 0.5).sum().backward()
+        proj = torch.randn(5, 6, requires_grad=True)
+        sum(t.sum() for t in torch.ops.cube.gate_input(proj, torch.zeros(6), torch.ones(3), torch.zeros(3))).backward()
+        assert u.grad is not None and h.grad is not None and proj.grad is not None
+        real = [u.detach(), vn, torch.randn(7, 3), torch.ones(3)]
+        mode = FakeTensorMode()
+        fake = [mode.from_tensor(t) for t in real]
+        with mode:
+            out = torch.ops.cube.gather_gate(*fake, "von_neumann", "zero")
+        assert out.shape == u.shape
+        print("ok")
+    """)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if not _extension.load():
+            pytest.skip("cube_kernels._C is not built")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

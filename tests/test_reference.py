@@ -41,9 +41,15 @@ def test_neighbourhood_offsets():
 
 
 def test_philox_matches_triton_rand_bit_for_bit():
+    """Compiled on a GPU, in the interpreter (on CPU tensors) without one."""
     pytest.importorskip("triton")
     import triton
     import triton.language as tl
+
+    from cube_kernels import triton_ops
+    dev = "cpu" if triton_ops.interpreting() else "cuda"
+    if dev == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no GPU, and triton was imported without TRITON_INTERPRET=1")
 
     @triton.jit
     def rand_kernel(out_ptr, off_ptr, seed, N: tl.constexpr):
@@ -54,9 +60,9 @@ def test_philox_matches_triton_rand_bit_for_bit():
     off = torch.randint(0, 2**62, (1024,), generator=g, dtype=torch.int64)
     off[:64] = torch.arange(64)  # small offsets: the hi word is zero
     for seed in (0, 7, 2**33 + 5, 2**63 - 1):
-        out = torch.empty(1024)
-        rand_kernel[(1,)](out, off, seed, N=1024)
-        assert torch.equal(out, philox_uniform(seed, off)), seed
+        out = torch.empty(1024, device=dev)
+        rand_kernel[(1,)](out, off.to(dev), seed, N=1024)
+        assert torch.equal(out.cpu(), philox_uniform(seed, off)), seed
 
 
 def test_fire_mask_rate_and_dependence_on_step():
@@ -81,6 +87,12 @@ def test_update_fire_rate_and_alive():
     half = reference.update(x, h, w_out, b_out, seed=1, step=0, fire_rate=0.5)
     m = fire_mask(1, 0, 2, 60, 0.5).view(2, 3, 4, 5, 1)
     torch.testing.assert_close(half, torch.where(m, full, x))
+    h[..., 0] = float("inf")  # every update is Inf or NaN: the cells that do not fire keep x exactly
+    x[..., 1] = -0.0
+    half = reference.update(x, h, w_out, b_out, seed=1, step=0, fire_rate=0.5)
+    keep = ~m.expand_as(x)
+    assert torch.equal(half[keep].view(torch.int32), x[keep].view(torch.int32))
+    assert not half[~keep].isfinite().any()
     a = torch.zeros(1, 3, 3, 3, 2)
     a[0, 0, 0, 0, 1] = 1.0
     alive = reference.alive(a, channel=1)

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 
 from cube_trainer import (CheckpointError, CubeTrainer, EmergentCubeTrainer, EmergentTrainingConfig,
                           NonFiniteLossError, PairSet, cli, load_config)
+from cube_trainer.checkpoint import read_checkpoint
 from cube_trainer.metrics import read_metrics
+from cube_trainer.rundir import RunDirectoryError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -79,30 +81,79 @@ def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path):
     half = CubeTrainer(_resume_config(tmp_path, "half"), teacher_dim=DIM)
     half.fit(train, val, stop_after=4, log=lambda *a: None)
     assert half.global_step == 4
+    torch.rand(100)  # what runs between a checkpoint and a resume (a teacher loading) draws from torch's RNG
     resumed = CubeTrainer.load(tmp_path / "half")
     assert resumed.global_step == 4 and resumed.data_position == half.data_position
     resumed.fit(train, val, log=lambda *a: None)
 
     assert _losses(read_metrics(tmp_path / "half" / "metrics.jsonl")) == \
         _losses(read_metrics(tmp_path / "full" / "metrics.jsonl"))
-    for (name, p), q in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
-        assert torch.equal(p, q), name
-    assert torch.equal(full.pool_states, resumed.pool_states)
+    # The whole final checkpoint, RNG states included, is the uninterrupted run's bit for bit.
+    (meta_full, tensors_full), (meta_half, tensors_half) = (read_checkpoint(tmp_path / d) for d in ("full", "half"))
+    assert tensors_full.keys() == tensors_half.keys() and {"rng/torch", "rng/generator"} <= tensors_full.keys()
+    for name, value in tensors_full.items():
+        assert torch.equal(value, tensors_half[name]), name
+    for meta in (meta_full, meta_half):
+        del meta["path"], meta["config"]["out_dir"]
+    assert meta_full == meta_half
     assert (tmp_path / "half" / "training.png").stat().st_size > 0
     val_records = [r for r in read_metrics(tmp_path / "half" / "metrics.jsonl") if r["kind"] == "val"]
     assert [r["step"] for r in val_records] == [4, 8]
 
 
-def test_a_new_run_replaces_the_old_one_in_its_directory(tmp_path):
+def test_training_and_checkpoints_leave_the_process_rng_alone(saved, tmp_path):
+    torch.manual_seed(1)
+    trainer = CubeTrainer(tiny_config(tmp_path, "model.fire_rate=0.5", "train.pool_size=16"), teacher_dim=DIM)
+    torch.manual_seed(2)  # the trainer's own RNG state comes from config.seed, not from the process
+    assert torch.equal(CubeTrainer(tiny_config(tmp_path), teacher_dim=DIM).rng_state["torch"],
+                       trainer.rng_state["torch"])
+    data = synthetic_pairs(8)
+    before = torch.get_rng_state()
+    trainer.train_step(data.q, data.a)
+    CubeTrainer.load(tmp_path / "ckpt")
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_run_directory_is_never_replaced_unasked(tmp_path):
     train = synthetic_pairs(16)
     cfg = tiny_config(tmp_path, "train.steps=4", "train.checkpoint_every=1", "train.keep_checkpoints=2")
     CubeTrainer(cfg, teacher_dim=DIM).fit(train, log=lambda *a: None)
-    ckdir = tmp_path / "run" / "checkpoints"
+    run = tmp_path / "run"
+    ckdir = run / "checkpoints"
     assert sorted(p.name for p in ckdir.iterdir()) == [
         "step_00000003.json", "step_00000003.safetensors", "step_00000004.json", "step_00000004.safetensors"]
-    CubeTrainer(tiny_config(tmp_path, "train.steps=2"), teacher_dim=DIM).fit(train, log=lambda *a: None)
+    before = {p: p.read_bytes() for p in [*ckdir.iterdir(), run / "metrics.jsonl", run / "config.yaml"]}
+    with pytest.raises(RunDirectoryError, match=r"holds a run \(checkpoints up to step_00000004.json\): --resume"):
+        CubeTrainer(tiny_config(tmp_path, "train.steps=2"), teacher_dim=DIM).fit(train, log=lambda *a: None)
+    assert {p: p.read_bytes() for p in before} == before
+    CubeTrainer(tiny_config(tmp_path, "train.steps=2"), teacher_dim=DIM).fit(train, overwrite=True,
+                                                                              log=lambda *a: None)
     assert sorted(p.name for p in ckdir.iterdir()) == ["step_00000002.json", "step_00000002.safetensors"]
-    assert max(r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")) == 2
+    assert max(r["step"] for r in read_metrics(run / "metrics.jsonl")) == 2
+    (tmp_path / "file").write_text("")
+    with pytest.raises(RunDirectoryError, match="is a file, not a directory"):
+        CubeTrainer(tiny_config(tmp_path), teacher_dim=DIM).prepare_run_dir(tmp_path / "file")
+
+
+def test_resuming_with_another_config_or_data_is_refused_unless_forced(tmp_path):
+    train = synthetic_pairs(16)
+    CubeTrainer(tiny_config(tmp_path, "train.steps=4"), teacher_dim=DIM).fit(train, stop_after=2, log=lambda *a: None)
+    run = tmp_path / "run"
+    with pytest.raises(CheckpointError, match=r"differs in train.lr \(0.01 -> 0.02\), train.steps \(4 -> 6\)"):
+        CubeTrainer.load(run, overrides=["train.steps=6", "train.lr=0.02"])
+    with pytest.raises(CheckpointError, match=r"differs in model.channels \(8 -> 4\)"):
+        CubeTrainer(tiny_config(tmp_path, "train.steps=4", "model.channels=4"), teacher_dim=DIM).resume(run)
+    assert CubeTrainer.load(run, overrides=["device=cpu", "train.progress=true"]).global_step == 2  # no effect
+    with pytest.warns(UserWarning, match=r"different config \(train.steps"):
+        longer = CubeTrainer.load(run, overrides=["train.steps=6"], force=True)
+    assert longer.global_step == 2 and longer.config.train.steps == 6
+
+    other = synthetic_pairs(16, seed=5)
+    with pytest.raises(CheckpointError, match=r"the train split\(s\) differ from those of the run"):
+        CubeTrainer.load(run).fit(other, log=lambda *a: None)
+    forced = CubeTrainer.load(run, force=True)
+    forced.check_data({"train": other})
+    assert forced.data_fingerprint["train"] != CubeTrainer.load(run).data_fingerprint["train"]
 
 
 @pytest.fixture
@@ -173,8 +224,8 @@ def test_loading_never_unpickles(saved, tmp_path):
 def test_checkpoint_of_another_model_is_refused(saved, tmp_path):
     trainer = CubeTrainer(tiny_config(tmp_path, "model.channels=4"), teacher_dim=DIM)
     with pytest.raises(CheckpointError, match="does not fit this model"), \
-            pytest.warns(UserWarning, match=r"different config \(model.channels\)"):
-        trainer.resume(tmp_path / "ckpt")
+            pytest.warns(UserWarning, match=r"different config \(model.channels \(8 -> 4\)\)"):
+        trainer.resume(tmp_path / "ckpt", force=True)
 
 
 def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path):

@@ -32,7 +32,7 @@ def test_shipped_configs_are_valid(name):
     ({"modle": {}}, "unknown config key 'modle' (did you mean 'model'?)"),
     ({"train": {"lr": "fast"}}, "config key 'train.lr' must be a number, got str 'fast'"),
     ({"train": {"steps": 1.5}}, "config key 'train.steps' must be an int, got float 1.5"),
-    ({"train": {"amp": 1}}, "config key 'train.amp' must be a bool (true/false), got int 1"),
+    ({"train": {"amp": 1}}, "config key 'train.amp' must be a bool (true/false) or a string, got int 1"),
     ({"model": {"depth": True}}, "config key 'model.depth' must be an int, got bool True"),
     ({"eval": {"ridge_alphas": [1, "x"]}}, "config key 'eval.ridge_alphas[1]' must be a number"),
     ({"model": "big"}, "config section 'model.' must be a mapping"),

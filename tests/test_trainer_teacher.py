@@ -50,7 +50,9 @@ def test_real_teacher_cli_train_resume_evaluate_ask(tmp_path, capsys):
     assert (run / "training.png").exists() and (run / "eval_test.json").exists()
     assert cli.evaluate(["--checkpoint", str(run), "--no-baselines"]) == 0
     assert "cube lattice (this model)" in capsys.readouterr().out
+    data.unlink()  # cube-ask needs no corpus: the run's answer bank holds every answer
     assert cli.ask(["--checkpoint", str(run), "-k", "3", "What is the capital of France?"]) == 0
     out = capsys.readouterr().out
     assert "Q: What is the capital of France?" in out and "latency: teacher" in out
+    assert f"{len(COUNTRIES)} answers (every answer of the corpus)" in out
     assert len([line for line in out.splitlines() if line.startswith("  +") or line.startswith("  -")]) == 3

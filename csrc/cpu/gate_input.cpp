@@ -22,6 +22,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "cell_math.h"
 #include "checks.h"
 #include "cpu/loops.h"
 
@@ -31,7 +32,6 @@ namespace {
 // Rows per partial sum of the weight gradients. Fixed, so their reduction order (and every bit
 // of them) does not depend on the number of threads.
 constexpr int64_t kRowsPerPartial = 64;
-constexpr double kEps = 1e-5;
 
 // --- The normal CDF Phi and density phi: gelu(x) = x Phi(x), gelu'(x) = Phi(x) + x phi(x). ---
 // float: branch-free polynomials that gcc vectorises in a plain loop (std::erf/std::exp are
@@ -165,7 +165,7 @@ CUBE_ALWAYS_INLINE acc_t centre(acc_t* __restrict__ v, int64_t F) {
   const acc_t mean = fixed_order_dot<acc_t>(v, nullptr, F) / static_cast<acc_t>(F);
   for (int64_t f = 0; f < F; ++f) v[f] -= mean;
   const acc_t var = fixed_order_dot<acc_t>(v, v, F) / static_cast<acc_t>(F);
-  return acc_t(1) / std::sqrt(var + static_cast<acc_t>(kEps));
+  return acc_t(1) / std::sqrt(var + static_cast<acc_t>(kLayerNormEps));
 }
 
 // Scratch rows of one task, in the accumulation type.

@@ -1,7 +1,8 @@
 // CPU out-projection + stochastic residual update (SPEC.md "One step", "The fire mask",
 // "Backward"):
-//   forward   x_new = x + m * (h @ w_out + b_out)
-//   backward  d_delta = m * grad, dh = d_delta @ w_out^T, dw_out = h^T @ d_delta,
+//   forward   x_new = where(m, x + (h @ w_out + b_out), x), in fp32 for bf16/fp16 and rounded
+//             once, after the residual add; a cell that does not fire keeps x bit for bit
+//   backward  d_delta = where(m, grad, 0), dh = d_delta @ w_out^T, dw_out = h^T @ d_delta,
 //             db_out = sum d_delta
 // The fire mask m comes from cube::fires (Philox, bit for bit tl.rand) and is regenerated in
 // backward, never stored. The GEMMs go to ATen (MKL / oneDNN): at these sizes a tuned BLAS is
@@ -15,12 +16,13 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "below_op.h"
 #include "cell_math.h"
 #include "checks.h"
 #include "cpu/loops.h"
@@ -47,22 +49,22 @@ Mask make_mask(const UpdateArgs& a, int64_t seed, int64_t step) {
   return Mask{static_cast<uint64_t>(seed), step, a.B, a.N, a.fire_rate, a.fire_rate >= 1.0f};
 }
 
-template <typename scalar_t>
-void epilogue_kernel(const UpdateArgs& a, const Mask& mask, const scalar_t* x,
-                     const scalar_t* b_out, scalar_t* out /* holds h @ w_out on entry */) {
-  using acc_t = at::opmath_type<scalar_t>;
+// out = where(m, x + (delta + b_out), x) row by row; delta = h @ w_out in the accumulation type.
+// `out` may be `delta` itself (fp32, fp64): each element is read before it is written.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void epilogue_kernel(const UpdateArgs& a, const Mask& mask, const scalar_t* x, const acc_t* delta,
+                     const scalar_t* b_out, scalar_t* out) {
   const int64_t C = a.C;
   std::vector<acc_t> bias(b_out, b_out + C);
   at::parallel_for(0, a.B * a.N, rows_per_task(C), [&](int64_t begin, int64_t end) {
-    const acc_t* __restrict__ bb = bias.data();
+    const acc_t* bb = bias.data();
     for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* __restrict__ xr = x + r * C;
-      scalar_t* __restrict__ o = out + r * C;
+      const scalar_t* xr = x + r * C;
+      const acc_t* dr = delta + r * C;
+      scalar_t* o = out + r * C;
       if (mask.fires(r)) {
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t delta = static_cast<acc_t>(o[c]) + bb[c];
-          o[c] = static_cast<scalar_t>(static_cast<acc_t>(xr[c]) + delta);
-        }
+        for (int64_t c = 0; c < C; ++c)
+          o[c] = static_cast<scalar_t>(static_cast<acc_t>(xr[c]) + (dr[c] + bb[c]));
       } else {
         std::copy(xr, xr + C, o);
       }
@@ -74,13 +76,19 @@ at::Tensor update_cpu(const at::Tensor& x_in, const at::Tensor& h_in, const at::
                       const at::Tensor& b_out_in, int64_t seed, int64_t step, double fire_rate) {
   const UpdateArgs a = check_update("cube::update", x_in, "x", h_in, w_out_in, &b_out_in, seed,
                                     step, fire_rate);
-  at::AutoDispatchBelowADInplaceOrView below_autograd;  // the ATen calls below are not recorded
+  const AtenBelowTheOp below;
   const at::Tensor x = x_in.contiguous(), b_out = b_out_in.contiguous();
-  const at::Tensor h2 = h_in.contiguous().view({a.B * a.N, a.F});
-  at::Tensor out = at::mm(h2, w_out_in);  // the delta before bias, then x_new in place
+  // The GEMM in the accumulation type (fp32 for bf16/fp16), so the bias and the residual are
+  // added before the one rounding to x's dtype (SPEC.md: round(x + (h @ w_out + b_out))).
+  const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
+  const at::Tensor delta =
+      at::mm(h_in.contiguous().view({a.B * a.N, a.F}).to(acc_type), w_out_in.to(acc_type));
+  at::Tensor out = acc_type == x.scalar_type() ? delta : at::empty_like(x);  // x_new
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "cube::update", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     epilogue_kernel<scalar_t>(a, make_mask(a, seed, step), x.const_data_ptr<scalar_t>(),
-                              b_out.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>());
+                              delta.const_data_ptr<acc_t>(), b_out.const_data_ptr<scalar_t>(),
+                              out.mutable_data_ptr<scalar_t>());
   });
   return out.view(x.sizes());
 }
@@ -109,7 +117,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> update_backward_cpu(
     int64_t step, double fire_rate) {
   const UpdateArgs a = check_update("cube::update_backward", grad_in, "grad", h_in, w_out_in,
                                     nullptr, seed, step, fire_rate);
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const AtenBelowTheOp below;
   const int64_t rows = a.B * a.N, C = a.C, F = a.F;
   const at::ScalarType dtype = grad_in.scalar_type();
   // fp32 accumulation for bf16/fp16: the GEMMs below run on fp32 copies.
@@ -127,8 +135,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> update_backward_cpu(
   at::Tensor db_partial = at::zeros({blocks, C}, h.options());
 
   // One task per block of rows: its d_delta rows, their column sums and h_blk^T @ d_delta_blk.
-  // The workers call ATen themselves: below autograd (their thread-local state is fresh), and
-  // single-threaded BLAS since they already run inside the parallel region.
+  // The workers call ATen themselves: below autograd and autocast (the calling thread is one of
+  // them), and single-threaded BLAS since they already run inside the parallel region.
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "cube::update_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* g = grad.const_data_ptr<scalar_t>();
@@ -136,7 +144,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> update_backward_cpu(
     acc_t* dd_out = copy ? d_delta.mutable_data_ptr<acc_t>() : nullptr;
     acc_t* db = db_partial.mutable_data_ptr<acc_t>();
     at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
-      at::AutoDispatchBelowADInplaceOrView below_autograd_in_worker;
+      const AtenBelowTheOp below_in_worker;
       for (int64_t blk = block_begin; blk < block_end; ++blk) {
         const int64_t begin = blk * kRowsPerPartial, end = std::min(rows, begin + kRowsPerPartial);
         acc_t* db_blk = db + blk * C;

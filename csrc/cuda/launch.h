@@ -1,7 +1,7 @@
-// The boundary between the host ops (ops_cuda.cpp, which sees ATen) and the kernels (*.cu, which
+// The boundary between the host ops (*_host.cpp, which see ATen) and the kernels (*.cu, which
 // do not): plain functions on raw pointers, so `nvcc -c` of the kernels needs no torch headers.
-// Every launcher enqueues on `stream` and returns without synchronising; the caller checks
-// the launch with C10_CUDA_KERNEL_LAUNCH_CHECK().
+// Every launcher takes one params struct, enqueues on its stream and returns without
+// synchronising; the caller checks the launch with C10_CUDA_KERNEL_LAUNCH_CHECK().
 #pragma once
 #include <cstdint>
 
@@ -21,31 +21,58 @@ constexpr int kTileRows = 64;
 
 inline int64_t num_tiles(int64_t rows) { return (rows + kTileRows - 1) / kTileRows; }
 
-// h = u * (b_sp + sum_k w_sp[k] * vn[nbr(i, k)]), all [rows, F] channels-last.
-void launch_gather_gate(DType dtype, const void* u, const void* vn, const void* w_sp,
-                        const void* b_sp, void* h, int64_t B, int64_t D, int64_t H, int64_t W,
-                        int64_t F, int neighbourhood, int boundary, cudaStream_t stream);
+// gather_gate on [B, D, H, W, F] channels-last tensors. Forward reads u, vn, w_sp, b_sp and
+// writes h; backward reads grad_h, u, vn, w_sp, b_sp and writes du, dvn and the weight
+// gradients dw_sp [K, F], db_sp [F], using `partial`, scratch of num_tiles(B*D*H*W) * (K + 1)
+// * F accumulator elements (double for kFloat64, else float). Pointers a pass does not use
+// stay null.
+struct GatherGateParams {
+  DType dtype;
+  const void* u;
+  const void* vn;
+  const void* w_sp;
+  const void* b_sp;
+  void* h;
+  const void* grad_h;
+  void* du;
+  void* dvn;
+  void* dw_sp;
+  void* db_sp;
+  void* partial;
+  int64_t B, D, H, W, F;
+  int neighbourhood;  // cube::Neighbourhood
+  int boundary;       // cube::Boundary
+  cudaStream_t stream;
+};
 
-// du, dvn and the weight gradients dw_sp [K, F], db_sp [F]. `partial` is scratch of
-// num_tiles(B*D*H*W) * (K + 1) * F accumulator elements (double for kFloat64, else float).
-void launch_gather_gate_backward(DType dtype, const void* grad_h, const void* u, const void* vn,
-                                 const void* w_sp, const void* b_sp, void* du, void* dvn,
-                                 void* dw_sp, void* db_sp, void* partial, int64_t B, int64_t D,
-                                 int64_t H, int64_t W, int64_t F, int neighbourhood, int boundary,
-                                 cudaStream_t stream);
+void launch_gather_gate(const GatherGateParams& p);
+void launch_gather_gate_backward(const GatherGateParams& p);
 
-// Epilogue of the out-projection: x_new = x + m * (delta + b_out), with delta = h @ w_out
-// already computed by cuBLAS in the accumulator type (double for kFloat64, else float).
-void launch_update_epilogue(DType dtype, const void* x, const void* delta, const void* b_out,
-                            void* x_new, int64_t B, int64_t cells, int64_t C, uint64_t seed,
-                            int64_t step, float fire_rate, cudaStream_t stream);
+// The update's kernels around the cuBLAS GEMMs, on B * cells rows of C channels.
+// Forward epilogue: x_new = where(m, x + (delta + b_out), x), with delta = h @ w_out already
+// computed in the accumulator type (double for kFloat64, else float).
+// Backward: d_delta = where(m, grad, 0) (skipped when d_delta is null, i.e. fire_rate >= 1
+// where it equals grad) and db_out = sum over rows of d_delta, using `partial`, scratch of
+// num_tiles(B * cells) * C accumulator elements.
+struct UpdateParams {
+  DType dtype;
+  const void* x;
+  const void* delta;
+  const void* b_out;
+  void* x_new;
+  const void* grad;
+  void* d_delta;
+  void* db_out;
+  void* partial;
+  int64_t B, cells, C;
+  uint64_t seed;
+  int64_t step;
+  float fire_rate;
+  cudaStream_t stream;
+};
 
-// d_delta = m * grad (skipped when d_delta is null, i.e. fire_rate >= 1 where it equals grad)
-// and db_out = sum over rows of d_delta. `partial` is scratch of num_tiles(B*cells) * C
-// accumulator elements.
-void launch_update_backward(DType dtype, const void* grad, void* d_delta, void* db_out,
-                            void* partial, int64_t B, int64_t cells, int64_t C, uint64_t seed,
-                            int64_t step, float fire_rate, cudaStream_t stream);
+void launch_update_epilogue(const UpdateParams& p);
+void launch_update_backward(const UpdateParams& p);
 
 }  // namespace cuda
 }  // namespace cube

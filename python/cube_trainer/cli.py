@@ -6,15 +6,18 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .atomic import write_text_atomic
+from .bank import BANK_FILE, AnswerBank
 from .checkpoint import CheckpointError, read_checkpoint, resolve_checkpoint
-from .config import ConfigError, load_config
-from .data import DataError, build_splits, load_pairs, split_pairs
+from .config import ConfigError, load_config, packaged_configs
+from .data import DataError, build_splits
 from .evaluate import compare, format_table
 from .teacher import Teacher, TeacherError
 from .trainer import CubeTrainer, NonFiniteLossError, resolve_device
@@ -22,15 +25,42 @@ from .trainer import CubeTrainer, NonFiniteLossError, resolve_device
 _ERRORS = (ConfigError, CheckpointError, DataError, TeacherError)
 
 
-def _run(prog: str, fn, args) -> int:
+def _one_line(message) -> str:
+    return " ".join(str(message).split())
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports a usage error in one line, like every other error of these commands."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see --help)\n")
+
+
+def _positive_int(text: str) -> int:
     try:
-        return fn(args)
-    except _ERRORS as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return 1
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def _run(prog: str, fn, args) -> int:
+    """Runs a command: a user error (bad config, data, checkpoint, teacher) is one line on stderr
+    and exit code 2, a failure of the run or of the system one line and exit code 1; warnings are
+    one line each."""
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *_, **__: print(f"{prog}: warning: {_one_line(message)}",
+                                                               file=sys.stderr)
+        try:
+            return fn(args)
+        except _ERRORS as exc:
+            print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
+            return 2
+        except (NonFiniteLossError, OSError) as exc:
+            print(f"{prog}: {_one_line(exc)}", file=sys.stderr)
+            return 1
 
 
 def _teacher(trainer: CubeTrainer) -> Teacher:
@@ -67,28 +97,58 @@ def _report(trainer: CubeTrainer, splits: dict, split: str, baselines: bool, out
     if out_dir is not None:
         result = {"split": split, "step": trainer.global_step,
                   "rows": [{"method": r.method, "params": r.params, **r.metrics} for r in rows]}
-        (out_dir / f"eval_{split}.json").write_text(json.dumps(result, indent=1))
-        (out_dir / f"eval_{split}.txt").write_text(table + "\n")
+        write_text_atomic(out_dir / f"eval_{split}.json", json.dumps(result, indent=1))
+        write_text_atomic(out_dir / f"eval_{split}.txt", table + "\n")
         with open(out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"kind": split, **result}) + "\n")
     return rows
 
 
-def _init_distributed(device: str) -> bool:
-    """Joins the torchrun process group (gloo on CPU, nccl on CUDA) when WORLD_SIZE > 1."""
+def _init_distributed(device_of) -> bool:
+    """Joins the torchrun process group (gloo on CPU, nccl on CUDA) when WORLD_SIZE > 1;
+    ``device_of()`` gives the configured device."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
-    cuda = resolve_device(device).type == "cuda"
+    cuda = resolve_device(device_of()).type == "cuda"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if cuda else "gloo")
     return True
 
 
-def _run_dir(checkpoint: str) -> Path:
+def _run_dir(checkpoint: str | Path) -> Path:
     """The run directory of a checkpoint path (``run/checkpoints/step_N.json`` -> ``run``)."""
     path = resolve_checkpoint(checkpoint).parent
     return path.parent if path.name == "checkpoints" else path
+
+
+def _answer_bank(trainer: CubeTrainer, teacher: Teacher) -> AnswerBank:
+    """The answer bank of the checkpoint's run; rebuilt from the corpus (and saved) only when it
+    is missing, damaged or was embedded by another teacher setup (a run of an older version)."""
+    path = _run_dir(trainer.checkpoint_path) / BANK_FILE
+    if not path.is_file():
+        problem = "is missing"
+    else:
+        try:
+            bank = AnswerBank.load(path)
+        except CheckpointError as exc:
+            problem = f"is damaged ({exc})"
+        else:
+            if bank.teacher_key == teacher.key:
+                return bank
+            problem = "was embedded by another teacher setup (the model or its settings changed)"
+    warnings.warn(f"the answer bank {path} {problem}: rebuilding it from the corpus")
+    bank = AnswerBank.from_splits(_splits(trainer, print), teacher.key)
+    bank.save(path)
+    return bank
+
+
+def _configured_device(args, overrides) -> str:
+    if args.device:
+        return args.device
+    if args.config:
+        return load_config(args.config, overrides).device
+    return read_checkpoint(args.resume)[0]["config"].get("device", "auto")
 
 
 def _train(args) -> int:
@@ -100,29 +160,33 @@ def _train(args) -> int:
     if args.resume and not args.config:
         if not args.out_dir:  # continue in the run's own directory, wherever it was moved
             overrides.insert(0, f"out_dir={_run_dir(args.resume)}")
-        cfg_device = args.device or read_checkpoint(args.resume)[0]["config"].get("device", "auto")
+    elif not args.config:
+        raise ConfigError("give --config FILE (or --resume RUN_DIR to continue a run)")
     else:
-        if not args.config:
-            raise ConfigError("give --config FILE (or --resume RUN_DIR to continue a run)")
-        cfg_device = load_config(args.config, overrides).device
-    distributed = _init_distributed(cfg_device)
+        load_config(args.config, overrides)  # a bad config fails before anything starts
+    distributed = _init_distributed(lambda: _configured_device(args, overrides))
     trainer = None
     try:
         rank = dist.get_rank() if distributed else 0
         log = print if rank == 0 else (lambda *a, **k: None)
         if args.resume and not args.config:
-            trainer = CubeTrainer.load(args.resume, overrides=overrides)
-            log(f"resumed {resolve_checkpoint(args.resume)} at step {trainer.global_step}")
+            trainer = CubeTrainer.load(args.resume, overrides=overrides, force=args.force)
         else:
             trainer = CubeTrainer(load_config(args.config, overrides))
             if args.resume:
-                trainer.resume(args.resume)
-                log(f"resumed {resolve_checkpoint(args.resume)} at step {trainer.global_step}")
+                trainer.resume(args.resume, force=args.force)
+        if args.resume:
+            log(f"resumed {trainer.checkpoint_path} at step {trainer.global_step}")
         cfg = trainer.config
+        if rank == 0:  # before anything is written or computed: a run directory is never replaced unasked
+            trainer.prepare_run_dir(overwrite=args.overwrite, log=log)
         log(f"model: {trainer.num_parameters():,} parameters (lattice {cfg.model.depth}x{cfg.model.height}x"
             f"{cfg.model.width}, {cfg.model.channels} channels, {cfg.model.steps} steps), device {trainer.device}, "
             f"{trainer.world} process(es)")
         splits = _splits(trainer, log)
+        trainer.check_data(splits)  # test included: a changed corpus must not move test pairs into training
+        if rank == 0:
+            AnswerBank.from_splits(splits, _teacher(trainer).key).save(Path(cfg.out_dir) / BANK_FILE)
         tic = time.perf_counter()
         trainer.fit(splits["train"], splits["val"], stop_after=args.stop_after, log=log)
         log(f"training: {time.perf_counter() - tic:.1f} s, step {trainer.global_step}/{cfg.train.steps}")
@@ -137,24 +201,33 @@ def _train(args) -> int:
 
 
 def train(argv=None) -> int:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="cube-train", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train the cube lattice to answer questions in a teacher's embedding space, then "
                     "evaluate it on the held-out test split against baselines.",
         epilog="examples:\n"
-               "  cube-train --config configs/default.yaml\n"
+               "  cube-train --config default                   # a shipped config, by name\n"
                "  cube-train --config configs/tiny.yaml --set train.steps=50 --out-dir runs/try\n"
                "  cube-train --resume runs/default              # continue from the newest checkpoint\n"
                "  torchrun --nproc_per_node=2 -m cube_trainer.cli train --config configs/default.yaml")
-    p.add_argument("--config", metavar="FILE", help="YAML config (see configs/ and docs/trainer.md)")
+    p.add_argument("--config", metavar="FILE",
+                   help=f"YAML config file, or the name of a shipped config ({', '.join(packaged_configs())}); "
+                        f"see docs/trainer.md")
     p.add_argument("--resume", metavar="PATH",
-                   help="continue a run from a checkpoint or a run directory (its newest checkpoint); "
-                        "without --config the checkpoint's own config is used")
+                   help="continue a run from a checkpoint or a run directory (its newest checkpoint that is not "
+                        "damaged); without --config the checkpoint's own config is used")
+    p.add_argument("--force", action="store_true",
+                   help="with --resume: continue even where the config (--config, --set) or the data split differs "
+                        "from the checkpoint's (the continuation is then not the uninterrupted run)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start even where the run directory holds a run, deleting its checkpoints, metrics, plot, "
+                        "evaluation and answer bank (without it cube-train refuses)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.steps=100 (repeatable)")
     p.add_argument("--out-dir", metavar="DIR", help="run directory (overrides out_dir)")
-    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides device)")
-    p.add_argument("--stop-after", type=int, metavar="N",
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides device; under torchrun each rank "
+                                    "takes the GPU of its local rank)")
+    p.add_argument("--stop-after", type=_positive_int, metavar="N",
                    help="stop after N steps of this invocation (the schedule still spans train.steps)")
     p.add_argument("--no-eval", action="store_true", help="skip the final test evaluation")
     p.add_argument("--no-baselines", action="store_true", help="evaluate the model only, without baselines")
@@ -163,18 +236,18 @@ def train(argv=None) -> int:
 
 def _evaluate(args) -> int:
     trainer = CubeTrainer.load(args.checkpoint, device=args.device)
-    print(f"checkpoint {resolve_checkpoint(args.checkpoint)} (step {trainer.global_step})")
+    print(f"checkpoint {trainer.checkpoint_path} (step {trainer.global_step})")
     splits = _splits(trainer, print)
     rows = _report(trainer, splits, args.split, not args.no_baselines, None, print)
     if args.json:
-        Path(args.json).write_text(json.dumps(
+        write_text_atomic(args.json, json.dumps(
             {"split": args.split, "rows": [{"method": r.method, "params": r.params, **r.metrics} for r in rows]},
             indent=1))
     return 0
 
 
 def evaluate(argv=None) -> int:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="cube-eval",
         description="Evaluate a checkpoint on a held-out split: mean cosine to the true answer and retrieval "
                     "among all answers of the split (recall@k, MRR), next to the baselines (raw question "
@@ -190,14 +263,11 @@ def evaluate(argv=None) -> int:
 def _ask(args) -> int:
     tic = time.perf_counter()
     trainer = CubeTrainer.load(args.checkpoint, device=args.device)
-    cfg = trainer.config
     teacher = _teacher(trainer)
-    train_pairs = split_pairs(load_pairs(cfg.data), cfg.data.val_fraction, cfg.data.test_fraction,
-                              cfg.data.split_seed, cfg.data.max_pairs)[0]
-    answers = sorted({p.answer for p in train_pairs})
-    bank = F.normalize(teacher.encode(answers), dim=-1)
+    answer_bank = _answer_bank(trainer, teacher)
+    answers, bank = answer_bank.texts, F.normalize(answer_bank.embeddings, dim=-1)
     teacher.load()  # a one-off cost, kept out of the per-question latency
-    print(f"loaded in {time.perf_counter() - tic:.1f} s; {len(answers)} training answers")
+    print(f"loaded in {time.perf_counter() - tic:.1f} s; {len(answers)} answers (every answer of the corpus)")
     for question in args.question:
         t0 = time.perf_counter()
         q = teacher.encode([question], cache=False)
@@ -215,16 +285,21 @@ def _ask(args) -> int:
 
 
 def ask(argv=None) -> int:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="cube-ask",
         description="Answer questions with a trained checkpoint: embeds each question with the teacher, runs the "
-                    "model and prints the nearest answers of the training split with their cosine scores and "
-                    "the latency of each stage.")
+                    "model and prints the nearest answers of the run's answer bank (every distinct answer of its "
+                    "corpus, saved beside the checkpoints: no corpus is read) with their cosine scores and the "
+                    "latency of each stage.")
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint file or run directory")
     p.add_argument("question", nargs="+", help="one or more questions")
-    p.add_argument("-k", "--top", type=int, default=5, help="how many answers to show (default 5)")
+    p.add_argument("-k", "--top", type=_positive_int, default=5, help="how many answers to show (default 5)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the checkpoint's)")
-    return _run("cube-ask", _ask, p.parse_args(argv))
+    args = p.parse_args(argv)
+    empty = [i for i, q in enumerate(args.question, 1) if not q.strip()]
+    if empty:
+        p.error(f"question {empty[0]} is empty")
+    return _run("cube-ask", _ask, args)
 
 
 def main(argv=None) -> int:

@@ -11,6 +11,7 @@ import difflib
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -92,7 +93,8 @@ class TrainConfig:
     warmup_steps: int = 50
     min_lr_ratio: float = 0.05        # cosine decay floor, as a fraction of lr
     clip_grad_norm: float | None = 1.0
-    amp: bool = False                 # autocast: bfloat16 on CPU, float16 with a GradScaler on CUDA
+    amp: bool | str = False           # autocast: bfloat16 | float16 (with a GradScaler) | true (bfloat16 on CPU,
+                                      # float16 on CUDA) | false
     pool_size: int = 0                # NCA sample pool of lattice states (0: off)
     pool_reset: float = 0.25          # fraction of each batch restarted from the initial state
     checkpoint_every: int = 0         # steps between checkpoints (0: only at the end)
@@ -125,6 +127,8 @@ class Config:
 
 
 _TYPE_NAMES = {int: "an int", float: "a number", bool: "a bool (true/false)", str: "a string"}
+# PyYAML follows YAML 1.1, where a float needs a dot: `lr: 1e-3` arrives as the string "1e-3".
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _check_value(key: str, value: Any, tp: Any) -> Any:
@@ -132,8 +136,14 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (tp,) = [a for a in args if a is not type(None)]
-        return _check_value(key, value, tp)
+        members = [a for a in args if a is not type(None)]
+        for member in members:
+            try:
+                return _check_value(key, value, member)
+            except ConfigError:
+                pass
+        expected = " or ".join(_TYPE_NAMES[m] for m in members)
+        raise ConfigError(f"config key '{key}' must be {expected}, got {type(value).__name__} {value!r}")
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}' must be a list, got {type(value).__name__} {value!r}")
@@ -141,6 +151,8 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
     # bool is an int subclass: reject it where a number is expected, and numbers where a bool is.
     if tp is bool:
         ok = isinstance(value, bool)
+    elif tp is float and isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)
     elif tp is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     else:
@@ -186,14 +198,28 @@ def _require(ok: bool, key: str, message: str):
         raise ConfigError(f"config key '{key}': {message}")
 
 
+def _check_steps(m: ModelConfig):
+    """Enough lattice steps for the front face's signal to reach the back face (one cell per step).
+    A periodic boundary wraps the depth axis too: the back face neighbours the front face, so the
+    signal reaches it after one step, around the lattice rather than through it."""
+    if m.boundary == "periodic":
+        _require(m.steps >= 1, "model.steps", f"must be >= 1, got {m.steps}")
+        if m.depth > 2:
+            warnings.warn("model.boundary 'periodic' wraps the depth axis: the back face (d = D-1) neighbours the "
+                          "front face, so the read-out sees the question after one step, a shortcut that bypasses "
+                          "the lattice's depth (use boundary 'zero' to make the signal cross it)", stacklevel=3)
+        return
+    _require(m.steps >= max(1, m.depth - 1), "model.steps",
+             f"must be >= max(1, model.depth - 1) = {max(1, m.depth - 1)} so that the front face reaches "
+             f"the back face (one cell per step), got {m.steps}")
+
+
 def validate(cfg: Config) -> Config:
     """Check the settings that cannot work together; returns ``cfg``."""
     m, t, l, d, e = cfg.model, cfg.train, cfg.loss, cfg.data, cfg.eval
     for key in ("depth", "height", "width", "channels", "hidden"):
         _require(getattr(m, key) >= 1, f"model.{key}", f"must be >= 1, got {getattr(m, key)}")
-    _require(m.steps >= max(1, m.depth - 1), "model.steps",
-             f"must be >= max(1, model.depth - 1) = {max(1, m.depth - 1)} so that the front face reaches "
-             f"the back face (one cell per step), got {m.steps}")
+    _check_steps(m)
     _require(1 <= m.surface_channels <= m.channels, "model.surface_channels",
              f"must be in [1, model.channels={m.channels}], got {m.surface_channels}")
     _require(0.0 < m.fire_rate <= 1.0, "model.fire_rate", f"must be in (0, 1], got {m.fire_rate}")
@@ -213,7 +239,10 @@ def validate(cfg: Config) -> Config:
              "the contrastive loss needs micro-batches of >= 2 pairs (batch_size / grad_accum)")
     _require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
     _require(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
-    _require(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+    _require(0 <= t.warmup_steps <= t.steps, "train.warmup_steps",
+             f"must be in [0, train.steps={t.steps}], got {t.warmup_steps}")
+    _require(t.amp in (True, False, "bfloat16", "float16"), "train.amp",
+             f"must be true, false, bfloat16 or float16, got {t.amp!r}")
     _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
     _require(t.clip_grad_norm is None or t.clip_grad_norm > 0, "train.clip_grad_norm",
              f"must be null or > 0, got {t.clip_grad_norm}")
@@ -274,14 +303,38 @@ def apply_overrides(data: dict, overrides) -> dict:
     return data
 
 
-def read_yaml(path: str | Path) -> dict:
+def packaged_configs() -> dict[str, Path]:
+    """The shipped configs by name (``default``, ``tiny``, ...): every ``configs/*.yaml`` of the
+    source tree, which a wheel carries as ``cube_trainer/configs``."""
+    here = Path(__file__).resolve().parent
+    for directory in (here / "configs", here.parents[1] / "configs"):  # a wheel, then a checkout
+        if directory.is_dir():
+            return {p.stem: p for p in sorted(directory.glob("*.yaml"))}
+    return {}
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """``path`` when it is a file, else (when nothing is there) the shipped config of that name
+    (``tiny`` or ``tiny.yaml``)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+    if path.is_file():
+        return path
+    packaged = packaged_configs()
+    name = path.name.removesuffix(".yaml")
+    if not path.exists() and path.parent == Path(".") and name in packaged:
+        return packaged[name]
+    what = "is not a file" if path.exists() else "not found"
+    raise ConfigError(f"config file {what}: {path} (the shipped configs, given by name: {', '.join(packaged)})")
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = resolve_config_path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(exc).split())}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -290,7 +343,8 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides=()) -> Config:
-    """The validated config of a YAML file (defaults when ``path`` is None) plus overrides.
+    """The validated config of a YAML file or a shipped config's name (``packaged_configs``;
+    defaults when ``path`` is None) plus overrides.
     File paths in it (``data.path``, ``teacher.cache_dir``, a ``teacher.model`` directory) are
     made absolute against the working directory, so a checkpoint's config works from anywhere."""
     data = read_yaml(path) if path is not None else {}

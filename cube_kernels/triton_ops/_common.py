@@ -1,8 +1,9 @@
-"""Pieces shared by the Triton ops: the interpreter switch, input checks, the accumulator
-dtype and the deterministic second stage of the weight-gradient reductions."""
+"""Pieces shared by the Triton ops: the interpreter switch, the device check, the accumulator
+dtype and the deterministic second stage of the weight-gradient reductions. The input checks
+are every backend's (cube_kernels.ops)."""
 from __future__ import annotations
 
-import math
+import contextlib
 
 import torch
 import triton
@@ -11,8 +12,6 @@ import triton.language as tl
 # Read once, like ``triton.jit`` does when it decorates the kernels of this package: with
 # TRITON_INTERPRET=1 every kernel runs in the CPU interpreter on CPU tensors.
 INTERPRET = bool(triton.knobs.runtime.interpret)
-
-DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 # Weight gradients are reduced in two fixed stages: each program of the first kernel owns a
 # contiguous chunk of rows (B*N cells) and writes one partial, then `sum_partials` adds the
@@ -46,46 +45,38 @@ def upcast_dot(dtype: torch.dtype) -> bool:
     return INTERPRET and dtype == torch.bfloat16
 
 
-def check_tensor(name: str, t, ndim: int, dtype: torch.dtype | None = None,
-                 device: torch.device | None = None) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
-    if dtype is None:
-        if t.dtype not in DTYPES:
-            raise TypeError(f"{name} must be one of {DTYPES}, got {t.dtype}")
-    elif t.dtype != dtype:
-        raise TypeError(f"{name} must have the dtype of the other inputs ({dtype}), got {t.dtype}")
-    if device is None:
-        if not INTERPRET and t.device.type != "cuda":
-            raise ValueError(f"{name} must be a CUDA tensor (or run with TRITON_INTERPRET=1), "
-                             f"got device {t.device}")
-    elif t.device != device:
-        raise ValueError(f"{name} must be on {device} like the other inputs, got {t.device}")
+def autotune(configs: list, key: list[str]):
+    """``triton.autotune`` over ``configs``. The interpreter keeps only the first (benchmarking
+    there only costs time); ``kernel.all_configs`` lists them all for ``only_config``."""
+    def wrap(fn):
+        kernel = triton.autotune(configs=configs[:1] if INTERPRET else configs, key=key)(fn)
+        kernel.all_configs = list(configs)
+        return kernel
+    return wrap
 
 
-def check_cells(name: str, t: torch.Tensor) -> None:
-    """Row indices are int32 inside the kernels (pointer offsets are int64)."""
-    if math.prod(t.shape[:-1]) >= 2**31:
-        raise ValueError(f"{name} has {math.prod(t.shape[:-1])} cells (B*D*H*W); "
-                         "at most 2**31 - 1 are supported")
+@contextlib.contextmanager
+def only_config(kernel, config):
+    """Run the autotuned ``kernel`` with ``config`` alone, without benchmarking: how the tests
+    hold every config against the reference in the interpreter."""
+    saved = kernel.configs, kernel.cache
+    kernel.configs, kernel.cache = [config], {}
+    try:
+        yield
+    finally:
+        kernel.configs, kernel.cache = saved
 
 
-def check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...], what: str) -> None:
-    if tuple(t.shape) != tuple(expected):
-        raise ValueError(f"{name} must have shape {tuple(expected)} ({what}), got {tuple(t.shape)}")
+def on_device(t: torch.Tensor):
+    """Launches go to the GPU that holds ``t``, whatever the current device is."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-def check_step_args(seed, step, fire_rate, rows: int) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be a non-negative int, got {step!r}")
-    if (step + 1) * rows >= 2**63:
-        raise ValueError(f"step * B * D * H * W must fit in int64, got step={step} with {rows} cells")
-    if not isinstance(fire_rate, (int, float)) or math.isnan(fire_rate) or fire_rate < 0:
-        raise ValueError(f"fire_rate must be a number >= 0, got {fire_rate!r}")
+def check_device(t: torch.Tensor) -> None:
+    """Compiled kernels run on CUDA tensors only; the interpreter on CPU tensors."""
+    if not INTERPRET and t.device.type != "cuda":
+        raise ValueError(f"the Triton ops need CUDA tensors (or TRITON_INTERPRET=1 before the first "
+                         f"import of triton), got tensors on {t.device}")
 
 
 @triton.jit

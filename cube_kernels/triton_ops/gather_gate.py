@@ -10,14 +10,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ..neighbourhood import check_boundary, check_neighbourhood, num_tokens
-from ._common import (INTERPRET, acc_dtype, acc_torch_dtype, check_cells, check_shape,
-                      check_tensor, rows_per_partial, sum_partials)
+from ..neighbourhood import num_tokens
+from ..ops.gather_gate import GATHER_GATE
+from ._common import (acc_dtype, acc_torch_dtype, autotune, check_device, on_device, rows_per_partial,
+                      sum_partials)
 
 
 def _configs(bwd: bool):
-    if INTERPRET:  # one config: autotuning in the interpreter only costs time
-        return [triton.Config({"BLOCK_R": 128, "BLOCK_F": 16}, num_warps=4)]
     # Memory-bound stencil: wide channel blocks keep the loads coalesced; backward carries a
     # [K+1 (padded), BLOCK_F] accumulator, so it gets smaller tiles.
     blocks = [(32, 64), (64, 64), (32, 128), (64, 32)] if bwd else \
@@ -64,7 +63,7 @@ def _cell_coords(rows, D, H, W):
     return rows - cell, cell // (H * W), (cell // W) % H, cell % W
 
 
-@triton.autotune(configs=_configs(bwd=False), key=["R", "F", "K", "MOORE", "PERIODIC"])
+@autotune(_configs(bwd=False), key=["R", "F", "K", "MOORE", "PERIODIC"])
 @triton.jit
 def _gather_gate_fwd_kernel(u_ptr, vn_ptr, w_ptr, b_ptr, h_ptr, R, D, H, W, F,
                             K: tl.constexpr, MOORE: tl.constexpr, PERIODIC: tl.constexpr,
@@ -89,7 +88,7 @@ def _gather_gate_fwd_kernel(u_ptr, vn_ptr, w_ptr, b_ptr, h_ptr, R, D, H, W, F,
     tl.store(h_ptr + offs, (u * g).to(h_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_configs(bwd=True), key=["R", "F", "K", "MOORE", "PERIODIC"])
+@autotune(_configs(bwd=True), key=["R", "F", "K", "MOORE", "PERIODIC"])
 @triton.jit
 def _gather_gate_bwd_kernel(dh_ptr, u_ptr, vn_ptr, w_ptr, b_ptr, du_ptr, dvn_ptr, part_ptr,
                             R, D, H, W, F, CHUNK,
@@ -141,21 +140,8 @@ def _gather_gate_bwd_kernel(dh_ptr, u_ptr, vn_ptr, w_ptr, b_ptr, du_ptr, dvn_ptr
 
 
 def _check(u, vn, w_sp, b_sp, neighbourhood, boundary, grad_h=None):
-    check_neighbourhood(neighbourhood)
-    check_boundary(boundary)
-    check_tensor("u", u, 5)
-    check_cells("u", u)
-    check_tensor("vn", vn, 5, u.dtype, u.device)
-    check_shape("vn", vn, u.shape, "the shape of u, [B, D, H, W, F]")
-    F = u.shape[-1]
-    K = num_tokens(neighbourhood)
-    check_tensor("w_sp", w_sp, 2, u.dtype, u.device)
-    check_shape("w_sp", w_sp, (K, F), f"[K, F] with K={K} tokens of {neighbourhood}")
-    check_tensor("b_sp", b_sp, 1, u.dtype, u.device)
-    check_shape("b_sp", b_sp, (F,), "[F]")
-    if grad_h is not None:
-        check_tensor("grad_h", grad_h, 5, u.dtype, u.device)
-        check_shape("grad_h", grad_h, u.shape, "the shape of u")
+    GATHER_GATE.check(u, vn, w_sp, b_sp, neighbourhood, boundary, grad_h)
+    check_device(u)
 
 
 def _launch_args(u, neighbourhood, boundary):
@@ -175,14 +161,9 @@ def _gather_gate_op(u: torch.Tensor, vn: torch.Tensor, w_sp: torch.Tensor, b_sp:
     if h.numel() == 0:
         return h
     grid = lambda meta: (triton.cdiv(a["R"], meta["BLOCK_R"]), triton.cdiv(a["F"], meta["BLOCK_F"]))
-    _gather_gate_fwd_kernel[grid](u, vn, w_sp, b_sp, h, **a)
+    with on_device(u):
+        _gather_gate_fwd_kernel[grid](u, vn, w_sp, b_sp, h, **a)
     return h
-
-
-@_gather_gate_op.register_fake
-def _(u, vn, w_sp, b_sp, neighbourhood, boundary):
-    _check(u, vn, w_sp, b_sp, neighbourhood, boundary)
-    return torch.empty_like(u, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("cube_triton::gather_gate_backward", mutates_args=())
@@ -201,40 +182,20 @@ def _gather_gate_backward_op(grad_h: torch.Tensor, u: torch.Tensor, vn: torch.Te
     P = triton.cdiv(R, chunk)
     part = torch.empty((P, K + 1, F), dtype=acc_torch_dtype(u.dtype), device=u.device)
     grid = lambda meta: (P, triton.cdiv(F, meta["BLOCK_F"]))
-    _gather_gate_bwd_kernel[grid](grad_h, u, vn, w_sp, b_sp, du, dvn, part, CHUNK=chunk,
-                                  KP=triton.next_power_of_2(K + 1), **a)
-    dwb = sum_partials(part, u.dtype)
+    with on_device(u):
+        _gather_gate_bwd_kernel[grid](grad_h, u, vn, w_sp, b_sp, du, dvn, part, CHUNK=chunk,
+                                      KP=triton.next_power_of_2(K + 1), **a)
+        dwb = sum_partials(part, u.dtype)
     return du, dvn, dwb[:K].clone(), dwb[K].clone()
 
 
-@_gather_gate_backward_op.register_fake
-def _(grad_h, u, vn, w_sp, b_sp, neighbourhood, boundary):
-    _check(u, vn, w_sp, b_sp, neighbourhood, boundary, grad_h)
-    return (torch.empty_like(u, memory_format=torch.contiguous_format),
-            torch.empty_like(vn, memory_format=torch.contiguous_format),
-            torch.empty_like(w_sp, memory_format=torch.contiguous_format),
-            torch.empty_like(b_sp, memory_format=torch.contiguous_format))
-
-
-def _setup_context(ctx, inputs, output):
-    u, vn, w_sp, b_sp, neighbourhood, boundary = inputs
-    ctx.save_for_backward(u, vn, w_sp, b_sp)
-    ctx.neighbourhood, ctx.boundary = neighbourhood, boundary
-
-
-def _backward(ctx, grad_h):
-    u, vn, w_sp, b_sp = ctx.saved_tensors
-    du, dvn, dw_sp, db_sp = _gather_gate_backward_op(grad_h, u, vn, w_sp, b_sp,
-                                                     ctx.neighbourhood, ctx.boundary)
-    return du, dvn, dw_sp, db_sp, None, None
-
-
-_gather_gate_op.register_autograd(_backward, setup_context=_setup_context)
+GATHER_GATE.register("cube_triton")
 
 
 def gather_gate(u: torch.Tensor, vn: torch.Tensor, w_sp: torch.Tensor, b_sp: torch.Tensor,
                 neighbourhood: str, boundary: str) -> torch.Tensor:
     """``h = u * (b_sp + sum_k w_sp[k] * vn[nbr(i, k)])``; differentiable (``cube_triton::gather_gate``)."""
+    _check(u, vn, w_sp, b_sp, neighbourhood, boundary)
     return _gather_gate_op(u, vn, w_sp, b_sp, neighbourhood, boundary)
 
 
@@ -242,4 +203,5 @@ def gather_gate_backward(grad_h: torch.Tensor, u: torch.Tensor, vn: torch.Tensor
                          w_sp: torch.Tensor, b_sp: torch.Tensor, neighbourhood: str,
                          boundary: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(du, dvn, dw_sp, db_sp)`` of :func:`gather_gate` for ``grad_h``."""
+    _check(u, vn, w_sp, b_sp, neighbourhood, boundary, grad_h)
     return _gather_gate_backward_op(grad_h, u, vn, w_sp, b_sp, neighbourhood, boundary)

@@ -1,5 +1,6 @@
 """Triton out-projection with the stochastic residual update in its epilogue (SPEC.md), forward
-and backward: ``x_new = x + m * (h @ w_out + b_out)``.
+and backward: ``x_new = where(m, x + (h @ w_out + b_out), x)``, accumulated in fp32 and
+rounded once; a cell that does not fire keeps ``x`` bit for bit.
 
 Rows are the R = B*N cells. The fire mask of row r is ``tl.rand(seed, step*R + r)`` with an
 int64 offset, which is SPEC's ``((step*B + b)*N + cell)``; backward regenerates it.
@@ -12,13 +13,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, acc_dtype, acc_torch_dtype, check_cells, check_shape,
-                      check_step_args, check_tensor, rows_per_partial, sum_partials, upcast_dot)
+from ..ops.update import UPDATE
+from ._common import (acc_dtype, acc_torch_dtype, autotune, check_device, on_device, rows_per_partial,
+                      sum_partials, upcast_dot)
 
 
 def _gemm_configs(m: str, n: str, k: str):
-    if INTERPRET:  # one config: autotuning in the interpreter only costs time
-        return [triton.Config({m: 64, n: 16, k: 16}, num_warps=4)]
     # Skinny GEMMs (F, C of a few dozen to a few hundred) over many rows.
     shapes = [(128, 64, 32, 4, 3), (128, 64, 64, 8, 3), (64, 64, 32, 4, 4),
               (128, 128, 32, 8, 3), (64, 32, 64, 4, 4), (256, 64, 32, 8, 3)]
@@ -26,8 +26,6 @@ def _gemm_configs(m: str, n: str, k: str):
 
 
 def _dw_configs():
-    if INTERPRET:
-        return [triton.Config({"BLOCK_F": 16, "BLOCK_C": 16, "BLOCK_M": 64}, num_warps=4)]
     shapes = [(64, 64, 64, 4, 3), (128, 64, 32, 8, 3), (64, 32, 64, 4, 4), (128, 128, 32, 8, 3)]
     return [triton.Config({"BLOCK_F": f, "BLOCK_C": c, "BLOCK_M": m}, num_warps=w, num_stages=s)
             for f, c, m, w, s in shapes]
@@ -42,7 +40,7 @@ def _fires(rows, R, seed, step, fire_rate):
     return tl.rand(seed, offset) < fire_rate
 
 
-@triton.autotune(configs=_gemm_configs("BLOCK_M", "BLOCK_C", "BLOCK_K"), key=["R", "F", "C"])
+@autotune(_gemm_configs("BLOCK_M", "BLOCK_C", "BLOCK_K"), key=["R", "F", "C"])
 @triton.jit(do_not_specialize=["seed", "step"])
 def _update_fwd_kernel(x_ptr, h_ptr, w_ptr, b_ptr, out_ptr, R, F, C, seed, step, fire_rate,
                        USE_MASK: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
@@ -64,15 +62,16 @@ def _update_fwd_kernel(x_ptr, h_ptr, w_ptr, b_ptr, out_ptr, R, F, C, seed, step,
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=ACC)
     acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
-    if USE_MASK:
-        acc = tl.where(_fires(rows, R, seed, step, fire_rate)[:, None], acc, 0.0)
     offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
     mask = rmask[:, None] & cmask[None, :]
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-    tl.store(out_ptr + offs, (x + acc).to(out_ptr.dtype.element_ty), mask=mask)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    x_new = (x.to(ACC) + acc).to(out_ptr.dtype.element_ty)
+    if USE_MASK:  # a cell that does not fire keeps x bit for bit, even where delta is Inf/NaN
+        x_new = tl.where(_fires(rows, R, seed, step, fire_rate)[:, None], x_new, x)
+    tl.store(out_ptr + offs, x_new, mask=mask)
 
 
-@triton.autotune(configs=_gemm_configs("BLOCK_M", "BLOCK_F", "BLOCK_C"), key=["R", "F", "C"])
+@autotune(_gemm_configs("BLOCK_M", "BLOCK_F", "BLOCK_C"), key=["R", "F", "C"])
 @triton.jit(do_not_specialize=["seed", "step"])
 def _update_bwd_dh_kernel(g_ptr, w_ptr, dh_ptr, R, F, C, seed, step, fire_rate,
                           USE_MASK: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
@@ -103,7 +102,7 @@ def _update_bwd_dh_kernel(g_ptr, w_ptr, dh_ptr, R, F, C, seed, step, fire_rate,
              acc.to(dh_ptr.dtype.element_ty), mask=rmask[:, None] & fmask[None, :])
 
 
-@triton.autotune(configs=_dw_configs(), key=["R", "F", "C"])
+@autotune(_dw_configs(), key=["R", "F", "C"])
 @triton.jit(do_not_specialize=["seed", "step"])
 def _update_bwd_dw_kernel(g_ptr, h_ptr, dw_part_ptr, db_part_ptr, R, F, C, CHUNK,
                           seed, step, fire_rate,
@@ -144,30 +143,13 @@ def _update_bwd_dw_kernel(g_ptr, h_ptr, dw_part_ptr, db_part_ptr, R, F, C, CHUNK
 
 
 def _check(x, h, w_out, b_out, seed, step, fire_rate):
-    check_tensor("x", x, 5)
-    check_cells("x", x)
-    check_tensor("h", h, 5, x.dtype, x.device)
-    if h.shape[:-1] != x.shape[:-1]:
-        raise ValueError(f"h must have the cells of x, [B, D, H, W] = {tuple(x.shape[:-1])}, "
-                         f"got shape {tuple(h.shape)}")
-    F, C = h.shape[-1], x.shape[-1]
-    check_tensor("w_out", w_out, 2, x.dtype, x.device)
-    check_shape("w_out", w_out, (F, C), "[F, C] with F from h and C from x")
-    check_tensor("b_out", b_out, 1, x.dtype, x.device)
-    check_shape("b_out", b_out, (C,), "[C]")
-    check_step_args(seed, step, fire_rate, math.prod(x.shape[:-1]))
+    UPDATE.check(x, h, w_out, b_out, seed, step, fire_rate)
+    check_device(x)
 
 
 def _check_backward(grad, h, w_out, seed, step, fire_rate):
-    check_tensor("h", h, 5)
-    check_cells("h", h)
-    F = h.shape[-1]
-    check_tensor("w_out", w_out, 2, h.dtype, h.device)
-    if w_out.shape[0] != F:
-        raise ValueError(f"w_out must have shape [F, C] with F={F} from h, got {tuple(w_out.shape)}")
-    check_tensor("grad", grad, 5, h.dtype, h.device)
-    check_shape("grad", grad, tuple(h.shape[:-1]) + (w_out.shape[1],), "[B, D, H, W, C]")
-    check_step_args(seed, step, fire_rate, math.prod(h.shape[:-1]))
+    UPDATE.check_backward(grad, h, w_out, seed, step, fire_rate)
+    check_device(h)
 
 
 def _scalars(dtype, seed, step, fire_rate):
@@ -186,15 +168,10 @@ def _update_op(x: torch.Tensor, h: torch.Tensor, w_out: torch.Tensor, b_out: tor
     if R == 0 or C == 0:
         return out
     grid = lambda meta: (triton.cdiv(R, meta["BLOCK_M"]), triton.cdiv(C, meta["BLOCK_C"]))
-    _update_fwd_kernel[grid](x, h, w_out, b_out, out, R, F, C,
-                             **_scalars(x.dtype, seed, step, fire_rate))
+    with on_device(x):
+        _update_fwd_kernel[grid](x, h, w_out, b_out, out, R, F, C,
+                                 **_scalars(x.dtype, seed, step, fire_rate))
     return out
-
-
-@_update_op.register_fake
-def _(x, h, w_out, b_out, seed, step, fire_rate):
-    _check(x, h, w_out, b_out, seed, step, fire_rate)
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("cube_triton::update_backward", mutates_args=())
@@ -209,47 +186,30 @@ def _update_backward_op(grad: torch.Tensor, h: torch.Tensor, w_out: torch.Tensor
     if R == 0 or F == 0 or C == 0:
         return dh.zero_(), torch.zeros_like(w_out), w_out.new_zeros(C)
     s = _scalars(h.dtype, seed, step, fire_rate)
-    grid = lambda meta: (triton.cdiv(R, meta["BLOCK_M"]), triton.cdiv(F, meta["BLOCK_F"]))
-    _update_bwd_dh_kernel[grid](grad, w_out, dh, R, F, C, **s)
     chunk = rows_per_partial(R)
     P = triton.cdiv(R, chunk)
     dw_part = torch.empty((P, F, C), dtype=acc_torch_dtype(h.dtype), device=h.device)
     db_part = torch.empty((P, C), dtype=dw_part.dtype, device=h.device)
-    grid = lambda meta: (P, triton.cdiv(F, meta["BLOCK_F"]), triton.cdiv(C, meta["BLOCK_C"]))
-    _update_bwd_dw_kernel[grid](grad, h, dw_part, db_part, R, F, C, chunk, **s)
-    return dh, sum_partials(dw_part, h.dtype), sum_partials(db_part, h.dtype)
+    grid_dh = lambda meta: (triton.cdiv(R, meta["BLOCK_M"]), triton.cdiv(F, meta["BLOCK_F"]))
+    grid_dw = lambda meta: (P, triton.cdiv(F, meta["BLOCK_F"]), triton.cdiv(C, meta["BLOCK_C"]))
+    with on_device(h):
+        _update_bwd_dh_kernel[grid_dh](grad, w_out, dh, R, F, C, **s)
+        _update_bwd_dw_kernel[grid_dw](grad, h, dw_part, db_part, R, F, C, chunk, **s)
+        return dh, sum_partials(dw_part, h.dtype), sum_partials(db_part, h.dtype)
 
 
-@_update_backward_op.register_fake
-def _(grad, h, w_out, seed, step, fire_rate):
-    _check_backward(grad, h, w_out, seed, step, fire_rate)
-    return (torch.empty_like(h, memory_format=torch.contiguous_format),
-            torch.empty_like(w_out, memory_format=torch.contiguous_format),
-            w_out.new_empty(w_out.shape[1]))
-
-
-def _setup_context(ctx, inputs, output):
-    x, h, w_out, b_out, seed, step, fire_rate = inputs
-    ctx.save_for_backward(h, w_out)
-    ctx.seed, ctx.step, ctx.fire_rate = seed, step, fire_rate
-
-
-def _backward(ctx, grad):
-    h, w_out = ctx.saved_tensors
-    dh, dw_out, db_out = _update_backward_op(grad, h, w_out, ctx.seed, ctx.step, ctx.fire_rate)
-    return grad, dh, dw_out, db_out, None, None, None
-
-
-_update_op.register_autograd(_backward, setup_context=_setup_context)
+UPDATE.register("cube_triton")
 
 
 def update(x: torch.Tensor, h: torch.Tensor, w_out: torch.Tensor, b_out: torch.Tensor,
            seed: int, step: int, fire_rate: float) -> torch.Tensor:
-    """``x + m * (h @ w_out + b_out)``; differentiable (``cube_triton::update``)."""
+    """``x_new``; differentiable (``cube_triton::update``)."""
+    _check(x, h, w_out, b_out, seed, step, fire_rate)
     return _update_op(x, h, w_out, b_out, seed, step, fire_rate)
 
 
 def update_backward(grad: torch.Tensor, h: torch.Tensor, w_out: torch.Tensor, seed: int,
                     step: int, fire_rate: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dh, dw_out, db_out)`` of :func:`update` for ``grad`` (``dx = grad`` is the caller's)."""
+    _check_backward(grad, h, w_out, seed, step, fire_rate)
     return _update_backward_op(grad, h, w_out, seed, step, fire_rate)

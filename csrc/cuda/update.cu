@@ -1,5 +1,5 @@
 // Out-projection + stochastic residual update (SPEC.md "What is fused"): the kernels around
-// the two cuBLAS GEMMs that ops_cuda.cpp issues. The GEMMs themselves stay in cuBLAS: at
+// the two cuBLAS GEMMs that update_host.cpp issues. The GEMMs themselves stay in cuBLAS: at
 // F x C = 128 x 64 it beats a hand-written GEMM, and what is left to fuse (bias, fire mask,
 // residual; the masked gradient and db_out) is memory-bound, so it lives here.
 //
@@ -24,8 +24,9 @@ __device__ void fill_fire_mask(bool* fire, int64_t row0, int64_t rows, int64_t b
   }
 }
 
-// x_new = x + m * (delta + b_out); delta is the GEMM's accumulator-precision output, so the
-// bias is added before the single rounding to T.
+// x_new = where(m, x + (delta + b_out), x); delta is the GEMM's accumulator-precision output,
+// so the bias and the residual are added before the single rounding to T, and a cell that does
+// not fire keeps x bit for bit (copied, not converted).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 update_epilogue_kernel(const T* __restrict__ x, const acc_t<T>* __restrict__ delta,
@@ -43,13 +44,15 @@ update_epilogue_kernel(const T* __restrict__ x, const acc_t<T>* __restrict__ del
   const A bias = load(b_out + c);
   for (int r = threadIdx.y; r < kTileRows && row0 + r < rows; r += kBlockRows) {
     const int64_t i = (row0 + r) * C + c;
-    A v = load(x + i);
-    if (fire[r]) v += __ldg(delta + i) + bias;
-    store(x_new + i, v);
+    if (fire[r]) {
+      store(x_new + i, load(x + i) + (__ldg(delta + i) + bias));
+    } else {
+      x_new[i] = x[i];
+    }
   }
 }
 
-// d_delta = m * grad (when d_delta is given) and this tile's share of db_out = sum d_delta,
+// d_delta = where(m, grad, 0) (when d_delta is given) and this tile's share of db_out = sum d_delta,
 // written to partial[tile, C]; no float atomics.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
@@ -81,29 +84,25 @@ update_backward_kernel(const T* __restrict__ grad, T* __restrict__ d_delta,
 
 }  // namespace
 
-void launch_update_epilogue(DType dtype, const void* x, const void* delta, const void* b_out,
-                            void* x_new, int64_t B, int64_t cells, int64_t C, uint64_t seed,
-                            int64_t step, float fire_rate, cudaStream_t stream) {
-  const int64_t rows = B * cells;
-  dispatch(dtype, [&](auto tag) {
+void launch_update_epilogue(const UpdateParams& p) {
+  const int64_t rows = p.B * p.cells;
+  dispatch(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    update_epilogue_kernel<T><<<tile_grid(rows, C), dim3(kLanes, kBlockRows), 0, stream>>>(
-        static_cast<const T*>(x), static_cast<const acc_t<T>*>(delta),
-        static_cast<const T*>(b_out), static_cast<T*>(x_new), rows, B, cells, C, seed, step,
-        fire_rate);
+    update_epilogue_kernel<T><<<tile_grid(rows, p.C), dim3(kLanes, kBlockRows), 0, p.stream>>>(
+        static_cast<const T*>(p.x), static_cast<const acc_t<T>*>(p.delta),
+        static_cast<const T*>(p.b_out), static_cast<T*>(p.x_new), rows, p.B, p.cells, p.C,
+        p.seed, p.step, p.fire_rate);
   });
 }
 
-void launch_update_backward(DType dtype, const void* grad, void* d_delta, void* db_out,
-                            void* partial, int64_t B, int64_t cells, int64_t C, uint64_t seed,
-                            int64_t step, float fire_rate, cudaStream_t stream) {
-  const int64_t rows = B * cells;
-  dispatch(dtype, [&](auto tag) {
+void launch_update_backward(const UpdateParams& p) {
+  const int64_t rows = p.B * p.cells;
+  dispatch(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    update_backward_kernel<T><<<tile_grid(rows, C), dim3(kLanes, kBlockRows), 0, stream>>>(
-        static_cast<const T*>(grad), static_cast<T*>(d_delta),
-        static_cast<acc_t<T>*>(partial), rows, B, cells, C, seed, step, fire_rate);
-    launch_reduce_tiles<T>(partial, num_tiles(rows), C, C, db_out, nullptr, stream);
+    update_backward_kernel<T><<<tile_grid(rows, p.C), dim3(kLanes, kBlockRows), 0, p.stream>>>(
+        static_cast<const T*>(p.grad), static_cast<T*>(p.d_delta),
+        static_cast<acc_t<T>*>(p.partial), rows, p.B, p.cells, p.C, p.seed, p.step, p.fire_rate);
+    launch_reduce_tiles<T>(p.partial, num_tiles(rows), p.C, p.C, p.db_out, nullptr, p.stream);
   });
 }
 
