@@ -12,12 +12,13 @@ import yaml
 
 from .. import checkpoint as ckpt
 from ..atomic import write_text_atomic
-from ..cli import _run
+from ..cli import _Parser, _positive_int, _run
 from ..config import ConfigError
 from ..metrics import read_metrics
 from . import render
+from ..rundir import RunDirectoryError
 from .config import GrowConfig, config_to_dict, load_config, target_name
-from .targets import TargetError, occupied
+from .targets import occupied
 from .trainer import Evaluation, GrowthTrainer
 
 STAGES = (("grown", "grown (T)"), ("persisted", "persisted (2T)"), ("cut", "after the cut"),
@@ -81,16 +82,23 @@ def _grow(args) -> int:
             raise ConfigError(f"--target {unknown[0]!r} is not a target of the config ({', '.join(known)})")
         cfg.targets = [known[t] for t in args.target]
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    print(f"load average at the start: {_load()} ({os.cpu_count()} cores)")
-    rows = []
-    for target in cfg.targets:
+    trainers = []
+    for target in cfg.targets:  # every run directory is checked before anything is trained or replaced
         trainer = GrowthTrainer(cfg, target)
         run_dir = out / trainer.name
         if args.resume and ckpt.list_checkpoints(run_dir / "checkpoints"):
-            trainer.resume(run_dir / "checkpoints")
+            trainer.resume(run_dir / "checkpoints", force=args.force)
             print(f"{trainer.name}: resumed at step {trainer.global_step}")
+        try:
+            trainer.prepare_run_dir(run_dir, overwrite=args.overwrite)
+        except RunDirectoryError as exc:
+            raise RunDirectoryError(f"{exc} (cube-grow: --resume {out} continues each target's run)") from None
+        trainers.append(trainer)
+    write_text_atomic(out / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    print(f"load average at the start: {_load()} ({os.cpu_count()} cores)")
+    rows = []
+    for trainer in trainers:
+        run_dir = out / trainer.name
         m = cfg.model
         print(f"{trainer.name}: {int(occupied(trainer.target).sum())} target cells in {m.depth}x{m.height}x{m.width}, "
               f"seed cell {trainer.seed_cell}, {sum(p.numel() for p in trainer.lattice.parameters()):,} parameters, "
@@ -122,7 +130,7 @@ def _grow(args) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="cube-grow", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train the lattice to grow each target of the config from one seed cell (Growing NCA: alive "
                     "masking, stochastic updates, a sample pool, damage), one after the other, each into "
@@ -140,11 +148,17 @@ def main(argv=None) -> int:
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a run: each target from its newest checkpoint; without --config the run's "
                         "config.yaml is used")
+    p.add_argument("--force", action="store_true",
+                   help="with --resume: continue even where the config differs from the checkpoint's in what "
+                        "training computes (the continuation is then not the uninterrupted run)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start even where a target's run directory holds a run, deleting its checkpoints, metrics, "
+                        "result and pictures (without it cube-grow refuses)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.steps=100 (repeatable)")
     p.add_argument("--out-dir", metavar="DIR", help="run directory (overrides out_dir)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (overrides device)")
-    p.add_argument("--stop-after", type=int, metavar="N", help="stop each target after N steps of this invocation")
+    p.add_argument("--stop-after", type=_positive_int, metavar="N", help="stop each target after N steps of this invocation")
     return _run("cube-grow", _grow, p.parse_args(argv))
 
 

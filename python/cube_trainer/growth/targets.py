@@ -20,14 +20,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import ConfigError
+
 OPAQUE = 0.5
 # The shapes fill the central three quarters of each axis: like the padding around the targets of
 # Mordvintsev et al., the margin leaves room for growth to overshoot and be corrected.
 EXTENT = 0.75
 
 
-class TargetError(ValueError):
-    """A target that does not exist, cannot be read or does not fit the lattice."""
+class TargetError(ConfigError):
+    """A target that does not exist, cannot be read or does not fit the lattice (a user error:
+    the commands report it in one line)."""
 
 
 def _grid(shape: tuple[int, int, int]) -> np.ndarray:

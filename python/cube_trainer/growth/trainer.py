@@ -23,10 +23,12 @@ import yaml
 from cube_kernels import CubeLattice
 
 from .. import checkpoint as ckpt
+from ..atomic import write_text_atomic
 from ..checkpoint import CheckpointError
 from ..common import derive_seed, lr_factor
 from ..config import ConfigError
 from ..metrics import MetricsLog
+from ..rundir import prepare_run_dir
 from ..trainer import NonFiniteLossError, _config_diff
 from .config import RGBA, GrowConfig, config_from_dict, config_to_dict, target_name, validate
 from .pool import SamplePool, Shape, axis_normals, cut
@@ -36,6 +38,8 @@ ALPHA = 3  # the alive channel: alpha of RGBA
 # The JSON structure of a growth checkpoint.
 SCHEMA = {**ckpt.BASE_SCHEMA, "kind": str, "target": str, "train_seconds": (float, int)}
 LOG_KEYS = ("loss", "rgba_loss", "overflow_loss", "iou", "rollout")
+# What a growth run writes into its directory besides checkpoints/ (removed with it by overwrite).
+RUN_FILES = ("config.yaml", "metrics.jsonl", "result.json", "growth.png", "growth.gif", "training.png")
 # Config keys that do not change what training computes.
 NOT_TRAINING = ("out_dir", "device", "targets", "train.progress", "train.log_every", "train.checkpoint_every",
                 "train.keep_checkpoints")
@@ -96,6 +100,7 @@ class GrowthTrainer:
         self.pool = SamplePool(self.seed_state(1)[0], t.pool_size)
         self.global_step = 0
         self.train_seconds = 0.0
+        self.checkpoint_path: Path | None = None  # the checkpoint restored or last saved
 
     # ------------------------------------------------------------------ model
 
@@ -157,20 +162,23 @@ class GrowthTrainer:
                 "iou": iou(y.detach(), self.target).mean().item(), "rollout": steps, "lr": lr,
                 "grad_norm": grad_norm.item()}
 
-    def fit(self, out_dir: str | Path, *, stop_after: int | None = None, log=print) -> list[dict]:
+    def prepare_run_dir(self, out_dir: str | Path, *, overwrite: bool = False, log=print):
+        """Readies ``out_dir`` for this run: a directory that holds another run is refused unless
+        ``overwrite`` (see ``rundir.prepare_run_dir``)."""
+        prepare_run_dir(out_dir, step=self.global_step, source=self.checkpoint_path, overwrite=overwrite,
+                        files=RUN_FILES, log=log)
+
+    def fit(self, out_dir: str | Path, *, stop_after: int | None = None, overwrite: bool = False,
+            log=print) -> list[dict]:
         """Trains until ``train.steps`` (or ``stop_after`` more steps), logging to
-        ``out_dir/metrics.jsonl`` and checkpointing to ``out_dir/checkpoints``. A run that starts
-        at step 0 replaces an earlier run's checkpoints there. Returns this call's records."""
+        ``out_dir/metrics.jsonl`` and checkpointing to ``out_dir/checkpoints``. A directory that
+        holds another run is refused unless ``overwrite``. Returns this call's records."""
         from tqdm.auto import tqdm
         t = self.config.train
         out = Path(out_dir)
+        self.prepare_run_dir(out, overwrite=overwrite, log=log)
         ck_dir = out / "checkpoints"
-        ck_dir.mkdir(parents=True, exist_ok=True)
-        if self.global_step == 0:
-            for path in ckpt.list_checkpoints(ck_dir):
-                path.unlink()
-            ckpt.prune_checkpoints(ck_dir, t.keep_checkpoints)
-        (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.config), sort_keys=False))
+        write_text_atomic(out / "config.yaml", yaml.safe_dump(config_to_dict(self.config), sort_keys=False))
         metrics = MetricsLog(out / "metrics.jsonl", self.global_step)
         history, window, done = [], [], 0
         bar = tqdm(total=t.steps, initial=self.global_step, desc=f"grow {self.name}", unit="step",
@@ -241,7 +249,8 @@ class GrowthTrainer:
                 "target": self.target_spec, "optimizer": opt_json, "scheduler": self.scheduler.state_dict(),
                 "train_seconds": self.train_seconds,
                 "versions": ckpt.library_versions()}
-        return ckpt.write_checkpoint(path, tensors, meta)
+        self.checkpoint_path = ckpt.write_checkpoint(path, tensors, meta)
+        return self.checkpoint_path
 
     @staticmethod
     def read(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -272,14 +281,21 @@ class GrowthTrainer:
             raise CheckpointError(f"checkpoint {where}: cannot restore the training state: {exc}") from None
         self.pool.states.copy_(tensors["pool/states"])
         self.global_step, self.train_seconds = meta["step"], meta["train_seconds"]
+        self.checkpoint_path = Path(meta["path"])
 
-    def resume(self, path: str | Path) -> GrowthTrainer:
-        """Continues from a checkpoint of the same target (a file or a run directory)."""
+    def resume(self, path: str | Path, *, force: bool = False) -> GrowthTrainer:
+        """Continues from a checkpoint of the same target (a file or a run directory). A config
+        that changes what training computes is refused unless ``force``: the continuation is
+        then not the uninterrupted run."""
         meta, tensors = self.read(path)
         if meta["target"] != self.target_spec or not torch.equal(tensors["target"].to(self.target), self.target):
             raise CheckpointError(f"checkpoint {meta['path']} grows {meta['target']!r}, not {self.target_spec!r}")
         changed = [k for k in _config_diff(meta["config"], config_to_dict(self.config))
-                   if k not in NOT_TRAINING and not k.startswith("eval.")]
+                   if k.split(" ")[0] not in NOT_TRAINING and not k.startswith("eval.")]
+        if changed and not force:
+            raise CheckpointError(f"resuming {meta['path']} with a config that differs in {', '.join(changed)}: "
+                                  f"the run would not continue as it started (cube-grow --force, or force=True, "
+                                  f"resumes anyway)")
         if changed:
             warnings.warn(f"resuming {meta['path']} with a different config ({', '.join(changed)}): "
                           f"the continuation is not the uninterrupted run")
