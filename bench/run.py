@@ -36,7 +36,7 @@ SCALING_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 MEMORY_HEADROOM = 0.7
 # The growth workload (configs/grow.yaml's cell, docs/growth.md) on a 32x32x32 lattice: Moore
 # neighbourhood, fire rate 0.5, alive masking on the alpha channel.
-GROWTH = Config(depth=32, height=32, width=32, channels=16, hidden=32, neighbourhood="moore", fire_rate=0.5,
+GROWTH = Config(depth=32, height=32, width=32, channels=16, hidden=64, neighbourhood="moore", fire_rate=0.5,
                 alive_channel=3, steps=16, batch=1)
 
 

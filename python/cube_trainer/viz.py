@@ -13,7 +13,6 @@ It uses only the public pieces of the trainer: ``CubeTrainer.load``, ``predict``
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import resolve_checkpoint
-from .cli import _run, _run_dir, _teacher
+from .cli import _Parser, _run, _run_dir, _teacher
 from .common import derive_seed
 from .data import build_splits
 from .trainer import CubeTrainer
@@ -134,7 +133,7 @@ def _viz(args) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="cube-viz",
         description="Draw what a trained question-answer checkpoint does: how a question's signal travels through "
                     "the lattice's depth step by step (signal.png: per depth slice, the difference from the rollout "
