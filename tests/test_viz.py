@@ -2,13 +2,11 @@
 on a checkpoint of the trainer (the real teacher: deselect with ``-k "not real_teacher"``)."""
 from __future__ import annotations
 
-import json
-
 import torch
 
 from cube_trainer import CubeTrainer, cli, viz
 from test_trainer import DIM, tiny_config
-from test_trainer_teacher import COUNTRIES
+from test_trainer_teacher import capitals_jsonl
 
 
 def test_signal_starts_at_the_front_face_and_moves_one_slice_per_step(tmp_path):
@@ -35,10 +33,7 @@ def test_pca_keeps_the_two_main_directions(tmp_path):
 
 
 def test_real_teacher_viz_on_a_trained_checkpoint(tmp_path, capsys):
-    data = tmp_path / "capitals.jsonl"
-    data.write_text("".join(json.dumps({"question": f"What is the capital of {c}?",
-                                        "answer": f"The capital of {c} is {city}."}) + "\n"
-                            for c, city in COUNTRIES.items()))
+    data = capitals_jsonl(tmp_path)
     run = tmp_path / "run"
     assert cli.train(["--config", "configs/tiny.yaml", "--set", "data.source=jsonl", "--set", f"data.path={data}",
                       "--set", f"teacher.cache_dir={tmp_path / 'cache'}", "--set", "data.val_fraction=0.2",
