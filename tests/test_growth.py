@@ -238,6 +238,8 @@ def test_cli_grows_draws_and_reports(tmp_path, capsys):
     assert cli.main(["--config", str(config), "--target", "cube"]) == 2
     assert "--target 'cube' is not a target of the config" in capsys.readouterr().err
     assert cli.main([]) == 2
+    assert cli.main(["--resume", str(tmp_path / "nothing")]) == 2
+    assert "no cube-grow run there" in capsys.readouterr().err
 
 
 def test_cli_never_replaces_a_run_unasked(tmp_path, capsys):

@@ -72,6 +72,8 @@ def _grow(args) -> int:
     if args.config:
         cfg = load_config(args.config, overrides)
     elif args.resume:
+        if not (Path(args.resume) / "config.yaml").is_file():
+            raise ConfigError(f"--resume {args.resume}: no cube-grow run there (it has no config.yaml)")
         cfg = load_config(Path(args.resume) / "config.yaml", overrides)
     else:
         raise ConfigError("give --config FILE (or --resume RUN_DIR to continue a run)")
