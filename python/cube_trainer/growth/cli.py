@@ -53,11 +53,11 @@ def results_table(cfg: GrowConfig, rows: list[dict]) -> str:
     head = (f"Growth on a {m.depth}x{m.height}x{m.width} lattice (C={m.channels}, F={m.hidden}, {m.neighbourhood}, "
             f"fire rate {m.fire_rate}, alive masking), horizon T={T} steps; voxel IoU of the opaque cells against "
             f"the target, mean [min] over {cfg.eval.samples} rollouts")
-    cols = ["target", "cells", "steps", "train s"] + [label for _, label in STAGES]
+    cols = ["target", "cells", "steps", "train s (CPU s)"] + [label for _, label in STAGES]
     lines = [head, "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         ious = [f"{r[f'iou_{k}']:.3f} [{r[f'iou_{k}_min']:.3f}]" for k, _ in STAGES]
-        lines.append(f"| {r['target']} | {r['cells']} | {r['steps']} | {r['train_seconds']:.0f} | " + " | ".join(ious) + " |")
+        lines.append(f"| {r['target']} | {r['cells']} | {r['steps']} | {r['train_seconds']:.0f} ({r['train_cpu_seconds']:.0f}) | " + " | ".join(ious) + " |")
     return "\n".join(lines)
 
 
@@ -114,7 +114,8 @@ def _grow(args) -> int:
         tic = time.perf_counter()
         ev = trainer.evaluate(frames=cfg.eval.pictures)
         row = {"target": trainer.name, "cells": int(occupied(trainer.target).sum()), "steps": trainer.global_step,
-               "train_seconds": trainer.train_seconds, **ev.summary(),
+               "train_seconds": trainer.train_seconds, "train_cpu_seconds": trainer.train_cpu_seconds,
+               **ev.summary(),
                "iou_per_sample": {k: getattr(ev, k).tolist() for k, _ in STAGES}, "load_average": _load()}
         write_text_atomic(run_dir / "result.json", json.dumps(row, indent=1))
         if cfg.eval.pictures:

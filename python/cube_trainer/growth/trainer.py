@@ -36,7 +36,8 @@ from .targets import iou, load_target, seed_position
 
 ALPHA = 3  # the alive channel: alpha of RGBA
 # The JSON structure of a growth checkpoint.
-SCHEMA = {**ckpt.BASE_SCHEMA, "kind": str, "target": str, "train_seconds": (float, int)}
+SCHEMA = {**ckpt.BASE_SCHEMA, "kind": str, "target": str, "train_seconds": (float, int),
+          "train_cpu_seconds": (float, int)}
 LOG_KEYS = ("loss", "rgba_loss", "overflow_loss", "iou", "rollout")
 # What a growth run writes into its directory besides checkpoints/ (removed with it by overwrite).
 RUN_FILES = ("config.yaml", "metrics.jsonl", "result.json", "growth.png", "growth.gif", "training.png")
@@ -99,7 +100,8 @@ class GrowthTrainer:
         self.generator = torch.Generator().manual_seed(derive_seed(cfg.seed, self.name, "pool"))
         self.pool = SamplePool(self.seed_state(1)[0], t.pool_size)
         self.global_step = 0
-        self.train_seconds = 0.0
+        self.train_seconds = 0.0      # wall time of the optimizer steps
+        self.train_cpu_seconds = 0.0  # this process's CPU time in them, all threads (a busy machine inflates wall time)
         self.checkpoint_path: Path | None = None  # the checkpoint restored or last saved
 
     # ------------------------------------------------------------------ model
@@ -184,15 +186,17 @@ class GrowthTrainer:
         bar = tqdm(total=t.steps, initial=self.global_step, desc=f"grow {self.name}", unit="step",
                    dynamic_ncols=True, disable=not t.progress)
         while self.global_step < t.steps and (stop_after is None or done < stop_after):
-            tic = time.perf_counter()
+            tic, cpu = time.perf_counter(), time.process_time()
             res = self.train_step()
             self.train_seconds += time.perf_counter() - tic
+            self.train_cpu_seconds += time.process_time() - cpu
             window.append(res)
             done += 1
             step = self.global_step
             if step % t.log_every == 0 or step == t.steps:
                 rec = {"kind": "train", "step": step, **{k: sum(r[k] for r in window) / len(window) for k in LOG_KEYS},
-                       "lr": res["lr"], "train_seconds": self.train_seconds}
+                       "lr": res["lr"], "train_seconds": self.train_seconds,
+                       "train_cpu_seconds": self.train_cpu_seconds}
                 history.append(rec)
                 metrics.write(rec)
                 bar.set_postfix(loss=f"{rec['rgba_loss']:.4f}", iou=f"{rec['iou']:.3f}")
@@ -247,7 +251,7 @@ class GrowthTrainer:
                         "target": self.target})
         meta = {"kind": "growth", "step": self.global_step, "config": config_to_dict(self.config),
                 "target": self.target_spec, "optimizer": opt_json, "scheduler": self.scheduler.state_dict(),
-                "train_seconds": self.train_seconds,
+                "train_seconds": self.train_seconds, "train_cpu_seconds": self.train_cpu_seconds,
                 "versions": ckpt.library_versions()}
         self.checkpoint_path = ckpt.write_checkpoint(path, tensors, meta)
         return self.checkpoint_path
@@ -281,6 +285,7 @@ class GrowthTrainer:
             raise CheckpointError(f"checkpoint {where}: cannot restore the training state: {exc}") from None
         self.pool.states.copy_(tensors["pool/states"])
         self.global_step, self.train_seconds = meta["step"], meta["train_seconds"]
+        self.train_cpu_seconds = meta["train_cpu_seconds"]
         self.checkpoint_path = Path(meta["path"])
 
     def resume(self, path: str | Path, *, force: bool = False) -> GrowthTrainer:
