@@ -267,8 +267,9 @@ def test_cli_never_replaces_a_run_unasked(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("cube-grow: error: ")
 
 
-def test_shipped_config_loads():
+def test_shipped_configs_load():
     cfg = load_config("configs/grow.yaml")
     assert cfg.model.depth * cfg.model.height * cfg.model.width >= 16 ** 3
-    assert cfg.model.neighbourhood == "moore" and cfg.model.fire_rate == 0.5
-    assert cfg.targets == list(BUILTIN)
+    for cfg in (cfg, load_config("grow_small")):  # a shipped config by name
+        assert cfg.model.neighbourhood == "moore" and cfg.model.fire_rate == 0.5
+        assert cfg.targets == list(BUILTIN)
