@@ -99,6 +99,20 @@ def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def check_resume_config(where, saved: dict, new: dict, free, force: bool, command: str):
+    """Resuming the checkpoint ``where`` with config ``new`` (a dict) where it was saved with
+    ``saved``: a difference in a key that is not ``free`` (a predicate on dotted keys) is a
+    ``CheckpointError`` unless ``force``, then a warning."""
+    changed = [k for k in _config_diff(saved, new) if not free(k.split(" ")[0])]
+    if changed and not force:
+        raise CheckpointError(f"resuming {where} with a config that differs in {', '.join(changed)}: "
+                              f"the run would not continue as it started ({command} --force, or force=True, "
+                              f"resumes anyway)")
+    if changed:
+        warnings.warn(f"resuming {where} with a different config ({', '.join(changed)}): "
+                      f"the continuation is not the uninterrupted run")
+
+
 class CubeTrainer(nn.Module):
     """Trains ``CubeModel`` (adapter -> lattice -> inverse adapter) on teacher embeddings.
 
@@ -515,12 +529,5 @@ class CubeTrainer(nn.Module):
 
     @classmethod
     def _check_config(cls, meta: dict, cfg: Config, force: bool):
-        changed = [k for k in _config_diff(config_to_dict(cls._saved_config(meta)), config_to_dict(cfg))
-                   if k.split(" ")[0] not in FREE_KEYS]
-        if changed and not force:
-            raise CheckpointError(f"resuming {meta['path']} with a config that differs in {', '.join(changed)}: "
-                                  f"the run would not continue as it started (cube-train --force, or force=True, "
-                                  f"resumes anyway)")
-        if changed:
-            warnings.warn(f"resuming {meta['path']} with a different config ({', '.join(changed)}): "
-                          f"the continuation is not the uninterrupted run")
+        check_resume_config(meta["path"], config_to_dict(cls._saved_config(meta)), config_to_dict(cfg),
+                            FREE_KEYS.__contains__, force, "cube-train")

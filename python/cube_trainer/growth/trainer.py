@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import functools
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from ..common import derive_seed, lr_factor
 from ..config import ConfigError
 from ..metrics import MetricsLog
 from ..rundir import prepare_run_dir
-from ..trainer import NonFiniteLossError, _config_diff
+from ..trainer import NonFiniteLossError, check_resume_config
 from .config import RGBA, GrowConfig, config_from_dict, config_to_dict, target_name, validate
 from .pool import SamplePool, Shape, axis_normals, cut
 from .targets import iou, load_target, seed_position
@@ -295,15 +294,8 @@ class GrowthTrainer:
         meta, tensors = self.read(path)
         if meta["target"] != self.target_spec or not torch.equal(tensors["target"].to(self.target), self.target):
             raise CheckpointError(f"checkpoint {meta['path']} grows {meta['target']!r}, not {self.target_spec!r}")
-        changed = [k for k in _config_diff(meta["config"], config_to_dict(self.config))
-                   if k.split(" ")[0] not in NOT_TRAINING and not k.startswith("eval.")]
-        if changed and not force:
-            raise CheckpointError(f"resuming {meta['path']} with a config that differs in {', '.join(changed)}: "
-                                  f"the run would not continue as it started (cube-grow --force, or force=True, "
-                                  f"resumes anyway)")
-        if changed:
-            warnings.warn(f"resuming {meta['path']} with a different config ({', '.join(changed)}): "
-                          f"the continuation is not the uninterrupted run")
+        check_resume_config(meta["path"], meta["config"], config_to_dict(self.config),
+                            lambda key: key in NOT_TRAINING or key.startswith("eval."), force, "cube-grow")
         self._restore(meta, tensors)
         return self
 
