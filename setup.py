@@ -113,6 +113,8 @@ def main():
             "cube-train = cube_trainer.cli:train",
             "cube-eval = cube_trainer.cli:evaluate",
             "cube-ask = cube_trainer.cli:ask",
+            "cube-grow = cube_trainer.growth.cli:main",
+            "cube-viz = cube_trainer.viz:main",
         ]},
         zip_safe=False,
     )

@@ -23,6 +23,7 @@ class Config:
     neighbourhood: str = "von_neumann"
     boundary: str = "zero"
     fire_rate: float = 1.0
+    alive_channel: int | None = None  # Growing-NCA alive masking on this channel (None: off)
     steps: int = 12
     batch: int = 8
     dtype: str = "float32"
@@ -84,5 +85,9 @@ def make_inputs(cfg: Config):
         params[name] = t.to(cfg.torch_dtype).requires_grad_(True)
     state = (cfg.batch, cfg.depth, cfg.height, cfg.width, cfg.channels)
     x = torch.randn(state, generator=g).to(cfg.torch_dtype)
+    if cfg.alive_channel is not None:
+        # As in growth, the shape fills part of the lattice: beyond it no cell has alpha, and the
+        # alive masking keeps those cells empty.
+        x[:, (cfg.depth + 1) // 2:, ..., cfg.alive_channel] = 0
     grad_out = torch.randn(state, generator=g).to(cfg.torch_dtype)
     return params, x, grad_out

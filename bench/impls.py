@@ -87,7 +87,8 @@ class Impl:
 
 
 def _step_kwargs(cfg: Config) -> dict:
-    return dict(neighbourhood=cfg.neighbourhood, boundary=cfg.boundary, fire_rate=cfg.fire_rate)
+    return dict(neighbourhood=cfg.neighbourhood, boundary=cfg.boundary, fire_rate=cfg.fire_rate,
+                alive_channel=cfg.alive_channel)
 
 
 class Fused(Impl):
@@ -167,6 +168,8 @@ class PyG(Impl):
         reason = super().unavailable(cfg)
         if reason:
             return reason
+        if cfg.alive_channel is not None:
+            return "alive masking is not implemented here"
         if importlib.util.find_spec("torch_geometric") is None:
             return "torch_geometric is not installed (pip install torch-geometric, or the 'bench' extra)"
         return None
@@ -181,6 +184,8 @@ class Jax(Impl):
         reason = super().unavailable(cfg)
         if reason:
             return reason
+        if cfg.alive_channel is not None:
+            return "alive masking is not implemented here"
         if importlib.util.find_spec("jax") is None:
             return "jax is not installed (pip install jax, or the 'bench' extra)"
         if self.device != "cpu":

@@ -20,6 +20,7 @@ from . import flops
 from .machine import ROOT, summary_line
 
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+SECTIONS = ("comparison", "growth", "scaling", "large", "trainer")
 PHASES = ("forward", "backward", "forward_backward")
 # Issue 10's targets for ours vs the baselines: forward+backward of the T=12 rollout, batch 8.
 TARGETS = {
@@ -120,10 +121,10 @@ def best_batches(scaling: list[dict]) -> dict:
 
 def finalize(results: dict) -> dict:
     """Fill in every derived number of a results dict (idempotent)."""
-    for section in ("comparison", "scaling", "large", "trainer"):
+    for section in SECTIONS:
         for r in results.get(section, []):
             derive(r, results)
-    for section in ("comparison", "large", "trainer"):
+    for section in ("comparison", "growth", "large", "trainer"):
         ratios(results.get(section, []))
     results["targets"] = evaluate_targets(results.get("comparison", []))
     results["best_batch"] = best_batches(results.get("scaling", []))
@@ -240,7 +241,7 @@ def _config_line(c: dict) -> str:
 
 
 def _memory_method(results: dict) -> str:
-    methods = sorted({r["memory_method"] for s in ("comparison", "scaling", "large", "trainer")
+    methods = sorted({r["memory_method"] for s in SECTIONS
                       for r in results.get(s, []) if r.get("status") == "ok"})
     return "; ".join(methods) or "-"
 
@@ -286,6 +287,10 @@ def markdown(results: dict, readme: bool = False) -> str:
         "",
         gemm_table(results),
     ]
+    if results.get("growth"):
+        gc = results["growth"][0]["config"]
+        parts += ["", f"**Growth workload** (`cube-grow`, docs/growth.md) — {_config_line(gc)}, alive masking on "
+                      f"channel {gc['alive_channel']}:", "", comparison_table(results["growth"])]
     if results.get("scaling"):
         best = ", ".join(f"{k}: batch {v['batch']} ({v['samples_per_s']:.2f} samples/s)"
                          for k, v in results.get("best_batch", {}).items())
@@ -327,7 +332,7 @@ def write_csv(results: dict, path: str):
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         w.writeheader()
-        for section in ("comparison", "scaling", "large", "trainer"):
+        for section in SECTIONS:
             for r in results.get(section, []):
                 c = r.get("config", {})
                 row = {"section": section, "impl": r.get("impl"), "label": r.get("label"),

@@ -38,6 +38,10 @@ TRAINER_BACKENDS = ("cpu_rollout", "cpu", "eager", "compile")
 SCALING_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 # Keep a batch only if twice the previous batch's peak fits in this share of the free memory.
 MEMORY_HEADROOM = 0.7
+# The growth workload (configs/grow.yaml's cell, docs/growth.md) on a 32x32x32 lattice: Moore
+# neighbourhood, fire rate 0.5, alive masking on the alpha channel.
+GROWTH = Config(depth=32, height=32, width=32, channels=16, hidden=64, neighbourhood="moore", fire_rate=0.5,
+                alive_channel=3, steps=16, batch=1)
 
 
 def parse_lattice(s: str) -> tuple[int, int, int]:
@@ -82,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
     p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 1 quick, 2 full)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5 quick, 7 full)")
+    p.add_argument("--no-growth", action="store_true",
+                   help="skip the growth workload (32x32x32, Moore, fire rate 0.5, alive masking)")
     p.add_argument("--sequential", action="store_true",
                    help="run the comparison's implementations one after the other instead of interleaving "
                         "their repeats (lower total memory: one live worker at a time)")
@@ -198,6 +204,18 @@ def run_interleaved(jobs: list[dict], repeats: int, timeout: float, on_row) -> l
     return rows
 
 
+def compare(jobs: list[dict], args, repeats: int) -> list[dict]:
+    """The rows of one side-by-side comparison, interleaved unless ``--sequential``."""
+    if args.sequential:
+        rows = []
+        for job in jobs:
+            rows.append(row := run_worker(job, args.timeout))
+            progress(row, impls.get(job["impl"]).label)
+        return rows
+    return run_interleaved(jobs, repeats, args.timeout,
+                           lambda i, row: progress(row, impls.get(jobs[i]["impl"]).label))
+
+
 def progress(row: dict, what: str):
     if row.get("status") != "ok":
         print(f"  {what:<40} {row.get('status')}: {row.get('reason')}", flush=True)
@@ -283,8 +301,8 @@ def main(argv=None) -> int:
     m["load_average_1min"] = quiet["load"]
     results = {"schema": 1, "command": command_line(argv), "mode": "quick" if args.quick else "full",
                "machine": m, "config": cfg.to_dict(), "warmup": warmup, "repeats": repeats,
-               "gemm": [], "comparison": [], "scaling": [], "large": [], "inference": [], "trainer": [],
-               "quiet": quiet}
+               "gemm": [], "comparison": [], "growth": [], "scaling": [], "large": [], "inference": [],
+               "trainer": [], "quiet": quiet}
     start = time.perf_counter()
 
     print("GEMM ceiling (torch.mm):", flush=True)
@@ -303,14 +321,11 @@ def main(argv=None) -> int:
     print(f"comparison: {report._config_line(cfg.to_dict())}"
           + (" (repeats interleaved)" if not args.sequential else ""), flush=True)
     jobs = [{**base_job, "impl": key, "config": cfg.to_dict(), "check": True} for key in args.backends]
-    if args.sequential:
-        for job in jobs:
-            results["comparison"].append(row := run_worker(job, args.timeout))
-            progress(row, impls.get(job["impl"]).label)
-    else:
-        results["comparison"] = run_interleaved(
-            jobs, repeats, args.timeout, lambda i, row: progress(row, impls.get(jobs[i]["impl"]).label))
+    results["comparison"] = compare(jobs, args, repeats)
     results["interleaved"] = not args.sequential
+    if not args.no_growth:
+        print(f"growth workload: {report._config_line(GROWTH.to_dict())}", flush=True)
+        results["growth"] = compare([{**job, "config": GROWTH.to_dict()} for job in jobs], args, repeats)
     if args.profile:
         for job, row in zip(jobs, results["comparison"]):
             if impls.get(job["impl"]).ours and row.get("status") == "ok":

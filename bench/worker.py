@@ -43,7 +43,7 @@ def reference_result(cfg: Config):
     params, x, grad_out = make_inputs(cfg)
     params = {n: p.detach().double().requires_grad_(True) for n, p in params.items()}
     out = reference.rollout(x.double(), params, cfg.steps, seed=cfg.seed, neighbourhood=cfg.neighbourhood,
-                            boundary=cfg.boundary, fire_rate=cfg.fire_rate)
+                            boundary=cfg.boundary, fire_rate=cfg.fire_rate, alive_channel=cfg.alive_channel)
     out.backward(grad_out.double())
     return out.detach(), {n: p.grad for n, p in params.items()}
 

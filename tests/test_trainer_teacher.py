@@ -3,6 +3,7 @@ round trip on it: train, resume, evaluate, ask. Deselect with ``-k "not real_tea
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -15,6 +16,15 @@ COUNTRIES = {"France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Spain": "Mad
              "China": "Beijing", "Russia": "Moscow", "Austria": "Vienna", "Portugal": "Lisbon",
              "Ireland": "Dublin", "Sweden": "Stockholm", "Finland": "Helsinki", "Hungary": "Budapest",
              "Belgium": "Brussels"}
+
+
+def capitals_jsonl(directory) -> Path:
+    """A JSONL corpus of a question and an answer per country of ``COUNTRIES``."""
+    data = Path(directory) / "capitals.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is the capital of {c}?",
+                                        "answer": f"The capital of {c} is {city}."}) + "\n"
+                            for c, city in COUNTRIES.items()))
+    return data
 
 
 def test_real_teacher_embeddings_match_sentence_transformers_and_are_cached(tmp_path):
@@ -32,10 +42,7 @@ def test_real_teacher_embeddings_match_sentence_transformers_and_are_cached(tmp_
 
 
 def test_real_teacher_cli_train_resume_evaluate_ask(tmp_path, capsys):
-    data = tmp_path / "capitals.jsonl"
-    data.write_text("".join(json.dumps({"question": f"What is the capital of {c}?",
-                                        "answer": f"The capital of {c} is {city}."}) + "\n"
-                            for c, city in COUNTRIES.items()))
+    data = capitals_jsonl(tmp_path)
     run = tmp_path / "run"
     common = ["--config", str(TINY), "--set", "data.source=jsonl", "--set", f"data.path={data}",
               "--set", f"teacher.cache_dir={tmp_path / 'cache'}", "--set", "data.val_fraction=0.2",

@@ -13,6 +13,7 @@ import json
 import platform
 import re
 import warnings
+from collections import defaultdict
 from pathlib import Path
 
 import safetensors
@@ -29,11 +30,13 @@ FORMAT = "cube-trainer-checkpoint"
 VERSION = 1
 _STEM = re.compile(r"step_(\d+)$")
 # The structure of the JSON: a type, a tuple of types, or a dict of the fields of a nested object.
-_SCHEMA = {"format": str, "version": int, "step": int, "config": dict, "teacher_dim": int,
-           "tensors_file": str, "tensors_bytes": int, "tensors_sha256": str, "tensor_index": dict,
-           "optimizer": {"param_groups": list, "state": dict}, "scheduler": dict, "scaler": dict,
-           "data_position": {"epoch": int, "cursor": int, "size": (int, type(None))}, "versions": dict,
-           "data_fingerprint": (dict, type(None))}
+# Those of every checkpoint, then the question-answer trainer's (SCHEMA).
+BASE_SCHEMA = {"format": str, "version": int, "step": int, "config": dict, "tensors_file": str,
+               "tensors_bytes": int, "tensors_sha256": str, "tensor_index": dict,
+               "optimizer": {"param_groups": list, "state": dict}, "scheduler": dict, "versions": dict}
+SCHEMA = {**BASE_SCHEMA, "teacher_dim": int, "scaler": dict,
+          "data_position": {"epoch": int, "cursor": int, "size": (int, type(None))},
+          "data_fingerprint": (dict, type(None))}
 
 
 class CheckpointError(RuntimeError):
@@ -167,14 +170,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return _candidates(path)[0]
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """``(meta, tensors)`` of a checkpoint, after checking its structure, size and hash. For a
-    directory, the newest checkpoint that passes; each damaged newer one gets a warning."""
+def read_checkpoint(path: str | Path, schema: dict | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(meta, tensors)`` of a checkpoint, after checking its structure (``schema``, default the
+    question-answer trainer's ``SCHEMA``), size and hash. For a directory, the newest checkpoint
+    that passes; each damaged newer one gets a warning."""
     candidates = _candidates(path)
     damaged = []
     for json_path in candidates:
         try:
-            meta, tensors = _read(json_path)
+            meta, tensors = _read(json_path, schema or SCHEMA)
         except CheckpointError as exc:
             damaged.append(str(exc))
             continue
@@ -195,7 +199,7 @@ def _compare_versions(meta: dict):
                       f"a resumed run may not repeat the uninterrupted one bit for bit", stacklevel=3)
 
 
-def _read(json_path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+def _read(json_path: Path, schema: dict) -> tuple[dict, dict[str, torch.Tensor]]:
     try:
         meta = json.loads(json_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -206,10 +210,10 @@ def _read(json_path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise CheckpointError(f"{json_path} is not a {FORMAT} file")
     if meta.get("version") != VERSION:
         raise CheckpointError(f"{json_path} has format version {meta.get('version')!r}; this trainer reads {VERSION}")
-    check_structure(meta, _SCHEMA, json_path)
+    check_structure(meta, schema, json_path)
     for i, group in enumerate(meta["optimizer"]["param_groups"]):
         check_structure(group, {"params": list}, json_path, f"optimizer.param_groups[{i}]")
-    _require(meta["step"] >= 0 and meta["teacher_dim"] >= 1, json_path, "'step' or 'teacher_dim' out of range")
+    _require(meta["step"] >= 0 and meta.get("teacher_dim", 1) >= 1, json_path, "'step' or 'teacher_dim' out of range")
     _require(all(isinstance(v, str) for v in meta["versions"].values()), json_path, "'versions' are not strings")
     st_path = json_path.with_name(meta["tensors_file"])
     if st_path.parent != json_path.parent or not st_path.is_file():
@@ -236,3 +240,47 @@ def _read(json_path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 def _require(ok: bool, where, problem: str):
     if not ok:
         raise CheckpointError(f"checkpoint {where}: {problem} (damaged or written by another program)")
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's state dict split for a checkpoint: its tensors as ``optimizer/<param id>/<name>``,
+    and the rest (``{"param_groups": ..., "state": {param id: {name: value}}}``) for the JSON."""
+    opt = optimizer.state_dict()
+    tensors, rest = {}, {}
+    for pid, state in opt["state"].items():
+        for k, v in state.items():
+            if torch.is_tensor(v):
+                tensors[f"optimizer/{pid}/{k}"] = v
+            else:
+                rest.setdefault(str(pid), {})[k] = v
+    return tensors, {"param_groups": opt["param_groups"], "state": rest}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, tensors: dict[str, torch.Tensor],
+                         where: str):
+    """Restores what ``optimizer_state`` split (``saved``: its JSON part) into ``optimizer``.
+    Nested fields are checked against what ``optimizer`` writes, so that damage is named here
+    rather than met later as a KeyError or a TypeError in the middle of training."""
+    groups = saved["param_groups"]
+    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in optimizer.param_groups]:
+        raise CheckpointError(f"checkpoint {where}: its optimizer state does not fit this model")
+    check_structure(groups, optimizer.state_dict()["param_groups"], where, "optimizer.param_groups")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state: dict[int, dict] = defaultdict(dict)
+    for k, v in tensors.items():
+        if k.startswith("optimizer/"):
+            _, pid, name = k.split("/", 2)
+            if not pid.isdigit() or int(pid) >= len(params) or (v.dim() and v.shape != params[int(pid)].shape):
+                raise CheckpointError(f"checkpoint {where}: optimizer tensor {k} {tuple(v.shape)} does not fit "
+                                      f"this model")
+            state[int(pid)][name] = v
+    for pid, extra in saved["state"].items():
+        check_structure(extra, dict, where, f"optimizer.state.{pid}")
+        if not pid.isdigit() or int(pid) >= len(params):
+            raise CheckpointError(f"checkpoint {where}: field 'optimizer.state.{pid}' names no parameter")
+        state[int(pid)].update(extra)
+    groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in groups]
+    try:
+        optimizer.load_state_dict({"state": dict(state), "param_groups": groups})
+    except (KeyError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {where}: cannot restore the optimizer state: {exc}") from None

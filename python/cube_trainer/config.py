@@ -191,6 +191,13 @@ def _build(cls, data: Any, prefix: str):
     return cls(**kwargs)
 
 
+def dataclass_from_dict(cls, data: dict | None):
+    """A ``cls`` (a dataclass, its sections nested dataclasses) from a partial nested dict, with
+    the checks of this module: unknown keys, wrong types and values outside a field's
+    ``choices`` raise a ``ConfigError`` that names the key. Defaults fill in the rest."""
+    return _build(cls, data or {}, "")
+
+
 def _require(ok: bool, key: str, message: str):
     if not ok:
         raise ConfigError(f"config key '{key}': {message}")

@@ -21,10 +21,11 @@ class RunDirectoryError(ConfigError):
     """An out_dir that holds another run (or is not a directory)."""
 
 
-def prepare_run_dir(out: str | Path, *, step: int, source: str | Path | None, overwrite: bool, log=print):
+def prepare_run_dir(out: str | Path, *, step: int, source: str | Path | None, overwrite: bool,
+                    files: tuple[str, ...] = RUN_FILES, log=print):
     """Makes ``out`` ready for a run at ``step`` that was restored from (or last saved) the
     checkpoint ``source``. A directory holding another run (checkpoints or metrics) is refused
-    unless ``overwrite``, which deletes that run's files. Continuing the run of ``out`` itself
+    unless ``overwrite``, which deletes that run's checkpoints and ``files`` (glob patterns). Continuing the run of ``out`` itself
     drops its checkpoints after ``step`` (a future that will be trained again, like the metrics
     after it). Temporary files of killed writers go."""
     out = Path(out)
@@ -48,7 +49,7 @@ def prepare_run_dir(out: str | Path, *, step: int, source: str | Path | None, ov
         log(f"replacing the earlier run in {out} ({held})")
         for path in found:
             ckpt.remove_checkpoint(path)
-        for pattern in RUN_FILES:
+        for pattern in files:
             for path in out.glob(pattern):
                 path.unlink()
         for name in RUN_DIRS:

@@ -108,6 +108,20 @@ def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def check_resume_config(where, saved: dict, new: dict, free, force: bool, command: str):
+    """Resuming the checkpoint ``where`` with config ``new`` (a dict) where it was saved with
+    ``saved``: a difference in a key that is not ``free`` (a predicate on dotted keys) is a
+    ``CheckpointError`` unless ``force``, then a warning."""
+    changed = [k for k in _config_diff(saved, new) if not free(k.split(" ")[0])]
+    if changed and not force:
+        raise CheckpointError(f"resuming {where} with a config that differs in {', '.join(changed)}: "
+                              f"the run would not continue as it started ({command} --force, or force=True, "
+                              f"resumes anyway)")
+    if changed:
+        warnings.warn(f"resuming {where} with a different config ({', '.join(changed)}): "
+                      f"the continuation is not the uninterrupted run")
+
+
 class CubeTrainer(nn.Module):
     """Trains ``CubeModel`` (adapter -> lattice -> inverse adapter) on teacher embeddings.
 
@@ -472,20 +486,14 @@ class CubeTrainer(nn.Module):
         """Writes the whole training state to ``path.safetensors`` + ``path.json`` (atomically);
         returns the JSON path."""
         tensors = {f"model/{k}": v for k, v in self.model.state_dict().items()}
-        opt = self.optimizer.state_dict()
-        opt_json: dict[str, dict] = {}
-        for pid, state in opt["state"].items():
-            for k, v in state.items():
-                if torch.is_tensor(v):
-                    tensors[f"optimizer/{pid}/{k}"] = v
-                else:
-                    opt_json.setdefault(str(pid), {})[k] = v
+        opt_tensors, opt_json = ckpt.optimizer_state(self.optimizer)
+        tensors.update(opt_tensors)
         tensors.update({f"rng/{k}": v for k, v in self.rng_state.items()})
         tensors["rng/generator"] = self.generator.get_state()
         if self.pool_states is not None:
             tensors["pool/states"], tensors["pool/filled"] = self.pool_states, self.pool_filled
         meta = {"step": self.global_step, "config": config_to_dict(self.config), "teacher_dim": self.teacher_dim,
-                "optimizer": {"param_groups": opt["param_groups"], "state": opt_json},
+                "optimizer": opt_json,
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "data_position": dict(self.data_position), "data_fingerprint": dict(self.data_fingerprint),
                 "best_val": self.best_val, "versions": ckpt.library_versions()}
@@ -503,33 +511,12 @@ class CubeTrainer(nn.Module):
         if missing or unexpected or wrong:
             raise CheckpointError(f"checkpoint {where} does not fit this model: missing {missing[:4]}, "
                                   f"unexpected {unexpected[:4]}, shape mismatches {wrong[:4]}")
-        groups = meta["optimizer"]["param_groups"]
-        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in self.optimizer.param_groups]:
-            raise CheckpointError(f"checkpoint {where}: its optimizer state does not fit this model")
-        # Nested fields are checked against what this trainer writes, so that damage is named here
-        # rather than met later as a KeyError or a TypeError in the middle of training.
-        ckpt.check_structure(groups, self.optimizer.state_dict()["param_groups"], where, "optimizer.param_groups")
         ckpt.check_structure(meta["scheduler"], self.scheduler.state_dict(), where, "scheduler")
         if self.scaler.is_enabled() and meta["scaler"]:
             ckpt.check_structure(meta["scaler"], self.scaler.state_dict(), where, "scaler")
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        state: dict[int, dict] = defaultdict(dict)
-        for k, v in tensors.items():
-            if k.startswith("optimizer/"):
-                _, pid, name = k.split("/", 2)
-                if not pid.isdigit() or int(pid) >= len(params) or (v.dim() and v.shape != params[int(pid)].shape):
-                    raise CheckpointError(f"checkpoint {where}: optimizer tensor {k} {tuple(v.shape)} does not fit "
-                                          f"this model")
-                state[int(pid)][name] = v
-        for pid, extra in meta["optimizer"]["state"].items():
-            ckpt.check_structure(extra, dict, where, f"optimizer.state.{pid}")
-            if not pid.isdigit() or int(pid) >= len(params):
-                raise CheckpointError(f"checkpoint {where}: field 'optimizer.state.{pid}' names no parameter")
-            state[int(pid)].update(extra)
-        groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in groups]
+        ckpt.load_optimizer_state(self.optimizer, meta["optimizer"], tensors, where)
         self.model.load_state_dict(model_sd)
         try:
-            self.optimizer.load_state_dict({"state": dict(state), "param_groups": groups})
             self.scheduler.load_state_dict(meta["scheduler"])
             if self.scaler.is_enabled() and meta["scaler"]:
                 self.scaler.load_state_dict(meta["scaler"])
@@ -585,12 +572,5 @@ class CubeTrainer(nn.Module):
 
     @classmethod
     def _check_config(cls, meta: dict, cfg: Config, force: bool):
-        changed = [k for k in _config_diff(config_to_dict(cls._saved_config(meta)), config_to_dict(cfg))
-                   if k.split(" ")[0] not in FREE_KEYS]
-        if changed and not force:
-            raise CheckpointError(f"resuming {meta['path']} with a config that differs in {', '.join(changed)}: "
-                                  f"the run would not continue as it started (cube-train --force, or force=True, "
-                                  f"resumes anyway)")
-        if changed:
-            warnings.warn(f"resuming {meta['path']} with a different config ({', '.join(changed)}): "
-                          f"the continuation is not the uninterrupted run")
+        check_resume_config(meta["path"], config_to_dict(cls._saved_config(meta)), config_to_dict(cfg),
+                            FREE_KEYS.__contains__, force, "cube-train")

@@ -1,0 +1,1 @@
+"""Growing neural cellular automata on the lattice: ``cube-grow`` (see docs/growth.md)."""
