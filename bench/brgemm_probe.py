@@ -16,6 +16,7 @@ import argparse
 import torch
 
 from . import flops
+from .machine import load_average
 from .op_profile import cpu_ms
 
 SOURCE = r"""
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     packs = ext.could_pack(dtype)
     print(f"cpublas::could_pack({args.dtype}) = {packs}; 1 thread, GFLOP/s from CPU time "
-          f"(1-min load average {open('/proc/loadavg').read().split()[0]})")
+          f"(1-min load average {load_average()})")
     shapes = {"in-projection [19800,64]@[64,256]": (19800, 64, 256),
               "out-projection [19800,128]@[128,64]": (19800, 128, 64),
               "trainer in-projection [2475,16]@[16,64]": (2475, 16, 64)}
