@@ -120,9 +120,15 @@ class FusedRollout(Fused):
     """Our whole-rollout op (``cube::rollout``: the T steps in one call, one autograd node), what
     ``CubeLattice`` runs on the CPU backend."""
 
+    def unavailable(self, cfg):
+        if cfg.alive_channel is not None:
+            return "alive masking is not implemented here (CubeLattice runs it step by step)"
+        return super().unavailable(cfg)
+
     def rollout_fn(self, cfg):
         from cube_kernels.ops.rollout import rollout as rollout_op
         kw = _step_kwargs(cfg)
+        del kw["alive_channel"]
 
         def rollout(x, params):
             return rollout_op(x, None, params, cfg.steps, seed=cfg.seed, all_states=False, **kw)[-1]
