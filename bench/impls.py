@@ -120,6 +120,10 @@ class FusedRollout(Fused):
     """Our whole-rollout op (``cube::rollout``: the T steps in one call, one autograd node), what
     ``CubeLattice`` runs on the CPU backend."""
 
+    @property
+    def key(self) -> str:
+        return "cpu_rollout"  # its backend is "cpu", but its row must not be taken for the per-step one
+
     def unavailable(self, cfg):
         if cfg.alive_channel is not None:
             return "alive masking is not implemented here (CubeLattice runs it step by step)"

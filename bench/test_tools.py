@@ -176,14 +176,16 @@ def test_interleaved_workers_return_rows_in_job_order():
     from .run import run_interleaved
     cfg = Config(**TINY).to_dict()
     jobs = [{"impl": k, "config": cfg, "warmup": 0, "repeats": 2, "check": k == "eager"}
-            for k in ("cuda" if not torch.cuda.is_available() else "eager_ckpt", "eager")]
+            for k in ("cuda" if not torch.cuda.is_available() else "eager_ckpt", "cpu_rollout", "eager")]
     seen = []
     rows = run_interleaved(jobs, repeats=2, timeout=300, on_row=lambda i, row: seen.append(i))
-    assert sorted(seen) == [0, 1]
+    assert sorted(seen) == [0, 1, 2]
     if not torch.cuda.is_available():
         assert rows[0]["status"] == "skipped" and "CUDA" in rows[0]["reason"]
-    assert rows[1]["status"] == "ok" and rows[1]["impl"] == "eager" and rows[1]["check"]["ok"]
-    assert len(rows[1]["time"]["forward_backward"]["all"]) == 2
+    # each row under its own name: the rollout op's backend is "cpu", its row is not the per-step one's
+    assert rows[1]["status"] == "ok" and rows[1]["impl"] == "cpu_rollout"
+    assert rows[2]["status"] == "ok" and rows[2]["impl"] == "eager" and rows[2]["check"]["ok"]
+    assert len(rows[2]["time"]["forward_backward"]["all"]) == 2
 
 
 def test_a_busy_machine_marks_the_run_as_measured_under_load(monkeypatch):
