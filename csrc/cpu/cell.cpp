@@ -7,7 +7,8 @@
 // planes just outside it (its halo) instead of sharing them with its neighbours.
 //   forward   plane d+1 in, then plane d out: x_new = where(m, x + (h @ w_out + b_out), x),
 //             rounded once to the state's dtype; a non-firing cell keeps its state bit for bit
-//   backward  from the saved state x, per plane e = d+1 (stage A): u, vn recomputed,
+//   backward  from the saved state x, per plane e = d+1 (stage A): u, vn recomputed (keeping
+//             gelu' and the gate LayerNorm's vhat, so stage B evaluates no GELU again),
 //             d_delta = where(m, grad, 0), dh = d_delta @ w_out^T, dg = dh * u; then plane d
 //             (stage B, it needs vn and dg of d-1, d, d+1): g recomputed, du = dh * g,
 //             dvn (the transposed stencil on dg), dw_sp, db_sp, dw_out += h^T d_delta, the
@@ -57,11 +58,19 @@ CUBE_ALWAYS_INLINE void gemm(int64_t M, int64_t N, int64_t K, const double* A, i
   }
 }
 
-// out[c, r] = a[r, c] for a [rows, cols] (row stride lda).
+// out[c, r] = a[r, c] for a [rows, cols] (row stride lda), in blocks of 8 x 8 so that both
+// sides touch few cache lines at a time.
 template <typename T>
 CUBE_ALWAYS_INLINE void transpose(const T* a, int64_t rows, int64_t cols, int64_t lda, T* out) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) out[c * rows + r] = a[r * lda + c];
+  constexpr int64_t kBlock = 8;
+  for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
+    const int64_t r1 = std::min(rows, r0 + kBlock);
+    for (int64_t c0 = 0; c0 < cols; c0 += kBlock) {
+      const int64_t c1 = std::min(cols, c0 + kBlock);
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t r = r0; r < r1; ++r) out[c * rows + r] = a[r * lda + c];
+    }
+  }
 }
 
 // Chunks of planes per batch item: about kTasks tasks in all where the lattice is deep enough,
@@ -150,19 +159,17 @@ struct Step {
     return buf;
   }
 
-  // Plane d of item b through LayerNorm (into y, [P, C]), the in-projection plus its bias (pre,
-  // [P, 2F]) and the gate input (uvn: u in the first F columns of a row, vn in the last F).
-  // pre may be uvn (the forward needs no pre-activations).
-  CUBE_ALWAYS_INLINE void input_plane(int64_t b, int64_t d, acc_t* y, acc_t* pre, acc_t* uvn,
-                                      acc_t* buf) const {
+  // Plane d of item b through LayerNorm (into y, [P, C]) and the in-projection plus its bias
+  // (into z, [P, 2F]).
+  CUBE_ALWAYS_INLINE void project_plane(int64_t b, int64_t d, acc_t* y, acc_t* z,
+                                        acc_t* buf) const {
     for (int64_t q = 0; q < P; ++q)
       rows::layer_norm(row(b, d, q, buf), p[kLn1W], p[kLn1B], C, y + q * C);
-    gemm(P, 2 * F, C, y, C, p[kWIn], 2 * F, pre, 2 * F, false);
+    gemm(P, 2 * F, C, y, C, p[kWIn], 2 * F, z, 2 * F, false);
     const acc_t* __restrict__ b_in = p[kBIn];
     for (int64_t q = 0; q < P; ++q) {
-      acc_t* z = pre + q * 2 * F;
-      for (int64_t f = 0; f < 2 * F; ++f) z[f] += b_in[f];
-      rows::gate_input(z, p[kLn2W], p[kLn2B], F, uvn + q * 2 * F, uvn + q * 2 * F + F);
+      acc_t* __restrict__ zq = z + q * 2 * F;
+      for (int64_t f = 0; f < 2 * F; ++f) zq[f] += b_in[f];
     }
   }
 
@@ -211,8 +218,12 @@ struct ForwardTasks {
       for (int64_t e = d0 - 1; e <= d1; ++e) {
         const int64_t pe = s.plane(e);
         if (pe >= 0) {
-          acc_t* uvn = ring_slot(ring, slot, e, d0);
-          s.input_plane(b, pe, y, uvn, uvn, buf);
+          acc_t* uvn = ring_slot(ring, slot, e, d0);  // u | vn, in place of z
+          s.project_plane(b, pe, y, uvn, buf);
+          for (int64_t q = 0; q < P; ++q) {
+            acc_t* z = uvn + q * 2 * F;
+            rows::gate_input(z, s.p[kLn2W], s.p[kLn2B], F, z, z + F);
+          }
         }
         const int64_t d = e - 1;  // plane d has its neighbours now
         if (d < d0) continue;
@@ -260,26 +271,28 @@ struct BackwardTasks {
                                      acc_t* const& partials, const int64_t& begin,
                                      const int64_t& end) {
     const int64_t P = s.P, C = s.C, F = s.F, K = s.K;
-    // Per ring slot: pre [P, 2F], uvn [P, 2F], d_delta [P, C], dh [P, F], dg [P, F].
-    const int64_t slot = P * (6 * F + C);
-    std::vector<acc_t> mem(static_cast<size_t>(3 * slot + P * (6 * F + 4 * C) + P + 5 * F + 3 * C));
+    // Per ring slot: uvn [P, 2F] (u | vn), dgelu [P, 2F] (gelu' of the pre-activations), vhat
+    // [P, F] and rstd [P] (the gate LayerNorm's), d_delta [P, C], dh [P, F], dg [P, F].
+    const int64_t uvn_at = 0, dgelu_at = P * 2 * F, vhat_at = 2 * dgelu_at;
+    const int64_t rstd_at = vhat_at + P * F, dd_at = rstd_at + P, dh_at = dd_at + P * C;
+    const int64_t dg_at = dh_at + P * F, slot = dg_at + P * F;
+    std::vector<acc_t> mem(static_cast<size_t>(3 * slot + P * (6 * F + 4 * C) + P + 2 * F + 3 * C));
     acc_t* ring = mem.data();
-    acc_t* h = ring + 3 * slot;  // [P, F], then h^T [F, P]
-    acc_t* h_t = h + P * F;
+    acc_t* h = ring + 3 * slot;  // [P, F]
+    acc_t* h_t = h + P * F;      // [F, P]
     acc_t* du = h_t + P * F;     // [P, F]
     acc_t* dvn = du + P * F;     // [P, F]
-    acc_t* dz = dvn + P * F;     // [P, 2F]
+    acc_t* dz = dvn + P * F;     // [P, 2F]: z, then dz_pre
     acc_t* y = dz + P * 2 * F;   // [P, C]
     acc_t* y_t = y + P * C;      // [C, P]
     acc_t* xhat = y_t + P * C;   // [P, C]
     acc_t* dy = xhat + P * C;    // [P, C]
     acc_t* rstd = dy + P * C;    // [P]
     acc_t* g = rstd + P;         // [F]
-    const rows::GateScratch<acc_t> gate(g + F, F);  // 3F
-    acc_t* buf = g + 4 * F;      // [C]
+    acc_t* g_ln = g + F;         // [F]
+    acc_t* buf = g_ln + F;       // [C]
     acc_t* ln = buf + C;         // [C]
     acc_t* dxq = ln + C;         // [C]
-    const int64_t uvn_at = P * 2 * F, dd_at = 2 * uvn_at, dh_at = dd_at + P * C, dg_at = dh_at + P * F;
     for (int64_t task = begin; task < end; ++task) {
       int64_t b, d0, d1;
       s.chunk(task, b, d0, d1);
@@ -291,7 +304,11 @@ struct BackwardTasks {
         if (pe >= 0) {  // stage A
           acc_t* sl = ring_slot(ring, slot, e, d0);
           acc_t *uvn = sl + uvn_at, *d_delta = sl + dd_at, *dh = sl + dh_at, *dg = sl + dg_at;
-          s.input_plane(b, pe, y, sl, uvn, buf);
+          s.project_plane(b, pe, y, dz, buf);
+          for (int64_t q = 0; q < P; ++q)
+            sl[rstd_at + q] = rows::gate_input_saving(
+                dz + q * 2 * F, s.p[kLn2W], s.p[kLn2B], F, uvn + q * 2 * F, uvn + q * 2 * F + F,
+                sl + dgelu_at + q * 2 * F, sl + vhat_at + q * F);
           for (int64_t q = 0; q < P; ++q) {
             const acc_t* gq = grad + ((b * s.D + pe) * P + q) * C;
             acc_t* o = d_delta + q * C;
@@ -308,8 +325,7 @@ struct BackwardTasks {
         const int64_t d = e - 1;  // stage B
         if (d < d0) continue;
         acc_t* sl = ring_slot(ring, slot, d, d0);
-        const acc_t *pre = sl, *uvn = sl + uvn_at, *d_delta = sl + dd_at, *dh = sl + dh_at;
-        const acc_t* dg = sl + dg_at;
+        const acc_t *uvn = sl + uvn_at, *d_delta = sl + dd_at, *dh = sl + dh_at, *dg = sl + dg_at;
         acc_t *uvn_planes[3], *dg_planes[3];
         for (int i = 0; i < 3; ++i) {
           acc_t* si = s.plane(d - 1 + i) < 0 ? nullptr : ring_slot(ring, slot, d - 1 + i, d0);
@@ -349,7 +365,8 @@ struct BackwardTasks {
           for (int64_t c = 0; c < C; ++c) pg[kBOut][c] += d_delta[q * C + c];
         // Gate input backward: dz_pre, dln2_weight, dln2_bias, db_in.
         for (int64_t q = 0; q < P; ++q)
-          rows::gate_input_backward(pre + q * 2 * F, du + q * F, dvn + q * F, s.p[kLn2W], F, gate,
+          rows::gate_input_backward(du + q * F, dvn + q * F, sl + dgelu_at + q * 2 * F,
+                                    sl + vhat_at + q * F, sl[rstd_at + q], s.p[kLn2W], F, g_ln,
                                     dz + q * 2 * F, pg[kLn2W], pg[kLn2B], pg[kBIn]);
         // In-projection backward: dw_in += y^T dz_pre, dy = dz_pre @ w_in^T (y recomputed).
         for (int64_t q = 0; q < P; ++q) {

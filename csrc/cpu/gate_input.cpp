@@ -91,12 +91,12 @@ CUBE_ALWAYS_INLINE void store(scalar_t* p, const acc_t* buf, int64_t n) {
 template <typename acc_t>
 struct Scratch {
   std::vector<acc_t> mem;
-  acc_t *z, *grad_u, *grad_vn, *out_a, *out_b;  // z, out_b: 2F; the others: F
-  rows::GateScratch<acc_t> gate;                // 3F
-  explicit Scratch(int64_t F)
-      : mem(static_cast<size_t>(10 * F)), gate(mem.data() + 7 * F, F) {
+  // z, dgelu, out_b: 2F; the others: F
+  acc_t *z, *grad_u, *grad_vn, *out_a, *out_b, *u, *vn, *dgelu, *vhat, *g;
+  explicit Scratch(int64_t F) : mem(static_cast<size_t>(14 * F)) {
     z = mem.data(), grad_u = z + 2 * F, grad_vn = grad_u + F, out_a = grad_vn + F;
-    out_b = out_a + F;
+    out_b = out_a + F, u = out_b + 2 * F, vn = u + F, dgelu = vn + F, vhat = dgelu + 2 * F;
+    g = vhat + F;
   }
 };
 
@@ -136,7 +136,8 @@ struct BackwardBlocks {
         const acc_t* __restrict__ gu = load(o.grad_u + r * F, F, s.grad_u);
         const acc_t* __restrict__ gvn = load(o.grad_vn + r * F, F, s.grad_vn);
         acc_t* dz = output(o.dz_pre + r * 2 * F, s.out_b);
-        rows::gate_input_backward(z, gu, gvn, o.w, F, s.gate, dz, pw, pb, pz);
+        const acc_t rstd = rows::gate_input_saving(z, o.w, o.b, F, s.u, s.vn, s.dgelu, s.vhat);
+        rows::gate_input_backward(gu, gvn, s.dgelu, s.vhat, rstd, o.w, F, s.g, dz, pw, pb, pz);
         store(o.dz_pre + r * 2 * F, dz, 2 * F);
       }
     }
@@ -169,16 +170,18 @@ void forward_kernel(const GateInputArgs& a, const at::Tensor& proj, const at::Te
 template <typename scalar_t>
 void backward_kernel(const GateInputArgs& a, const at::Tensor& grad_u, const at::Tensor& grad_vn,
                      const at::Tensor& proj, const at::Tensor& b_in,
-                     const at::Tensor& ln2_weight, const at::Tensor& dz_pre, const at::Tensor& dln2_weight,
+                     const at::Tensor& ln2_weight, const at::Tensor& ln2_bias,
+                     const at::Tensor& dz_pre, const at::Tensor& dln2_weight,
                      const at::Tensor& dln2_bias, const at::Tensor& db_in) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t F = a.F;
   const int64_t blocks = (a.N + kRowsPerPartial - 1) / kRowsPerPartial;
   const std::vector<acc_t> bias = to_acc<scalar_t>(b_in), w = to_acc<scalar_t>(ln2_weight);
+  const std::vector<acc_t> b = to_acc<scalar_t>(ln2_bias);  // vn, recomputed on the way
   std::vector<acc_t> partial(static_cast<size_t>(blocks * 4 * F));
   Operands<scalar_t> o{};
   o.rows = a.N, o.F = F;
-  o.proj = proj.const_data_ptr<scalar_t>(), o.bias = bias.data(), o.w = w.data();
+  o.proj = proj.const_data_ptr<scalar_t>(), o.bias = bias.data(), o.w = w.data(), o.b = b.data();
   o.grad_u = grad_u.const_data_ptr<scalar_t>(), o.grad_vn = grad_vn.const_data_ptr<scalar_t>();
   o.dz_pre = dz_pre.mutable_data_ptr<scalar_t>(), o.partial = partial.data();
   at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
@@ -219,15 +222,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_input_backward_c
                                            ln2_weight_in, ln2_bias_in, &grad_u_in, &grad_vn_in);
   const at::Tensor grad_u = grad_u_in.contiguous(), grad_vn = grad_vn_in.contiguous();
   const at::Tensor proj = proj_in.contiguous(), b_in = b_in_in.contiguous();
-  const at::Tensor ln2_weight = ln2_weight_in.contiguous();
+  const at::Tensor ln2_weight = ln2_weight_in.contiguous(), ln2_bias = ln2_bias_in.contiguous();
   at::Tensor dz_pre = at::empty({a.N, 2 * a.F}, proj.options());
   at::Tensor dln2_weight = at::empty({a.F}, proj.options());
   at::Tensor dln2_bias = at::empty({a.F}, proj.options());
   at::Tensor db_in = at::empty({2 * a.F}, proj.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, proj.scalar_type(), "cube::gate_input_backward", [&] {
-        backward_kernel<scalar_t>(a, grad_u, grad_vn, proj, b_in, ln2_weight, dz_pre, dln2_weight,
-                                  dln2_bias, db_in);
+        backward_kernel<scalar_t>(a, grad_u, grad_vn, proj, b_in, ln2_weight, ln2_bias, dz_pre,
+                                  dln2_weight, dln2_bias, db_in);
       });
   return {dz_pre, dln2_weight, dln2_bias, db_in};
 }

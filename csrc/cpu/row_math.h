@@ -1,6 +1,6 @@
 // Per-row math of the CPU kernels (SPEC.md "One step", "Backward"): exact-erf GELU and its
 // derivative, LayerNorm forward and backward on one row, and the gate input (GELU + gate
-// LayerNorm) of one row of the in-projection. Shared by cube::gate_input and the fused cell
+// LayerNorm) of one row of the in-projection and its backward. Shared by cube::gate_input and the fused cell
 // (cpu/cell.cpp), so both compute the same formulas in the same order. Rows are in the
 // accumulation type (fp32 for bf16/fp16, double for float64).
 #pragma once
@@ -136,37 +136,40 @@ CUBE_ALWAYS_INLINE void gate_input(const acc_t* z, const acc_t* __restrict__ w,
   for (int64_t f = 0; f < F; ++f) vn[f] = vn[f] * rstd * w[f] + b_ln[f];
 }
 
-// Scratch of gate_input_backward: 3F values.
+// gate_input, keeping what its backward needs: gelu' of both halves (dgelu, 2F values) and the
+// normalised gate half vhat (F values); returns the gate LayerNorm's rstd.
 template <typename acc_t>
-struct GateScratch {
-  acc_t *v, *dgelu, *g;
-  explicit GateScratch(acc_t* mem, int64_t F) : v(mem), dgelu(mem + F), g(mem + 2 * F) {}
-};
+CUBE_ALWAYS_INLINE acc_t gate_input_saving(const acc_t* __restrict__ z,
+                                           const acc_t* __restrict__ w,
+                                           const acc_t* __restrict__ b_ln, int64_t F,
+                                           acc_t* __restrict__ u, acc_t* __restrict__ vn,
+                                           acc_t* __restrict__ dgelu, acc_t* __restrict__ vhat) {
+  for (int64_t f = 0; f < F; ++f) gelu_and_grad(z[f], u[f], dgelu[f]);
+  for (int64_t f = 0; f < F; ++f) gelu_and_grad(z[F + f], vhat[f], dgelu[F + f]);
+  const acc_t rstd = centre(vhat, F);
+  for (int64_t f = 0; f < F; ++f) {
+    vhat[f] *= rstd;
+    vn[f] = vhat[f] * w[f] + b_ln[f];
+  }
+  return rstd;
+}
 
-// The backward of gate_input on one row: dz = [grad_u * gelu'(a) | dv * gelu'(b)] with dv the
-// gate LayerNorm's backward of grad_vn, recomputed from z; the row's terms of dln2_weight (pw),
-// dln2_bias (pb) and db_in (pz, 2F) added in.
+// The backward of gate_input on one row, from what gate_input_saving kept: dz = [grad_u *
+// gelu'(a) | dv * gelu'(b)] with dv the gate LayerNorm's backward of grad_vn; the row's terms
+// of dln2_weight (pw), dln2_bias (pb) and db_in (pz, 2F) added in. `g` is scratch of F values.
 template <typename acc_t>
-CUBE_ALWAYS_INLINE void gate_input_backward(const acc_t* __restrict__ z,
-                                            const acc_t* __restrict__ grad_u,
+CUBE_ALWAYS_INLINE void gate_input_backward(const acc_t* __restrict__ grad_u,
                                             const acc_t* __restrict__ grad_vn,
+                                            const acc_t* __restrict__ dgelu,
+                                            const acc_t* __restrict__ vhat, acc_t rstd,
                                             const acc_t* __restrict__ w, int64_t F,
-                                            const GateScratch<acc_t>& s, acc_t* __restrict__ dz,
+                                            acc_t* __restrict__ g, acc_t* __restrict__ dz,
                                             acc_t* __restrict__ pw, acc_t* __restrict__ pb,
                                             acc_t* __restrict__ pz) {
-  for (int64_t f = 0; f < F; ++f) {
-    acc_t g, dg;
-    gelu_and_grad(z[f], g, dg);
-    dz[f] = grad_u[f] * dg;
-  }
-  acc_t* __restrict__ v = s.v;
-  acc_t* __restrict__ dgelu = s.dgelu;
-  for (int64_t f = 0; f < F; ++f) gelu_and_grad(z[F + f], v[f], dgelu[f]);
-  const acc_t rstd = centre(v, F);
-  for (int64_t f = 0; f < F; ++f) v[f] *= rstd;
+  for (int64_t f = 0; f < F; ++f) dz[f] = grad_u[f] * dgelu[f];
   acc_t* __restrict__ dv = dz + F;
-  layer_norm_backward(v, grad_vn, w, rstd, F, s.g, dv, pw, pb);
-  for (int64_t f = 0; f < F; ++f) dv[f] *= dgelu[f];
+  layer_norm_backward(vhat, grad_vn, w, rstd, F, g, dv, pw, pb);
+  for (int64_t f = 0; f < F; ++f) dv[f] *= dgelu[F + f];
   for (int64_t f = 0; f < 2 * F; ++f) pz[f] += dz[f];
 }
 
