@@ -431,6 +431,7 @@ Step<scalar_t> make_step(const at::Tensor& x, const CellParams& p, const CellCon
 
 void cell_forward(const at::Tensor& x, const at::Tensor& inject, const CellParams& p,
                   const CellConfig& cfg, int64_t step, const at::Tensor& out) {
+  if (x.numel() == 0) return;  // no cells (or no channels): nothing to compute
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "cube::cell_forward", [&] {
     std::vector<int32_t> nbr, nbr_t;
     std::vector<int> dd;
@@ -446,6 +447,7 @@ void cell_forward(const at::Tensor& x, const at::Tensor& inject, const CellParam
 at::Tensor cell_backward(const at::Tensor& grad, const at::Tensor& x, const CellParams& p,
                          const CellConfig& cfg, int64_t step, CellParams& dp) {
   at::Tensor dx = at::empty(x.sizes(), x.options());
+  if (x.numel() == 0) return dx;  // no cells: no gradient to add
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cube::cell_backward", [&] {
     std::vector<int32_t> nbr, nbr_t;
     std::vector<int> dd;
