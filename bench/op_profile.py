@@ -1,5 +1,6 @@
-"""Where one lattice step's time goes on the CPU: each op of the fused step (as ``cube::rollout``
-runs it), forward and backward, timed alone at the step's shapes.
+"""Where one lattice step's time goes on the CPU: each op of the per-op fused step
+(``cube_kernels.step.fused_step``), forward and backward, timed alone at the step's shapes, and
+the same step as one call of the fused cell (``cube::rollout`` with T=1, csrc/cpu/cell.cpp).
 
     python -m bench.op_profile                      # the default config and the trainer model's
     python -m bench.op_profile --channels 64 --hidden 128 --batch 8
@@ -74,6 +75,19 @@ GEMMS = ("in-projection GEMM", "update (out-projection GEMM + epilogue)", "updat
          "dw_in GEMM", "dy GEMM")
 
 
+def fused_cell_ms(cfg: Config, repeats: int) -> tuple[float, float]:
+    """CPU ms of one step through the fused cell (``cube::rollout``, T=1) and of its backward."""
+    import cube_kernels  # noqa: F401  (registers torch.ops.cube)
+    from cube_kernels.spec import PARAM_NAMES
+    p, x, grad = make_inputs(cfg)
+    params = [p[n].detach() for n in PARAM_NAMES]
+    args = (cfg.seed, cfg.neighbourhood, cfg.boundary, cfg.fire_rate)
+    outs = torch.ops.cube.rollout(x, None, *params, 1, *args, True)
+    return (cpu_ms(lambda: torch.ops.cube.rollout(x, None, *params, 1, *args, True), repeats),
+            cpu_ms(lambda: torch.ops.cube.rollout_backward(grad[None], x, outs, None, *params, *args),
+                   repeats))
+
+
 def profile(cfg: Config, repeats: int) -> str:
     forward, backward = step_ops(cfg)
     fwd = {k: cpu_ms(f, repeats) for k, f in forward.items()}
@@ -91,6 +105,9 @@ def profile(cfg: Config, repeats: int) -> str:
     gemm += sum(t for k, t in fwd.items() if k in GEMMS)  # recomputed
     lines.append(f"\nforward {t_fwd:.3f} ms, backward {t_bwd:.3f} ms ({t_bwd / t_fwd:.2f}x forward); "
                  f"ops holding a GEMM {gemm / total:.0%} of forward+backward")
+    c_fwd, c_bwd = fused_cell_ms(cfg, repeats)
+    lines.append(f"fused cell (cube::rollout, one step): forward {c_fwd:.3f} ms, backward {c_bwd:.3f} ms "
+                 f"({c_bwd / c_fwd:.2f}x forward); forward+backward {(c_fwd + c_bwd) / total:.2f}x the ops above")
     return "\n".join(lines)
 
 

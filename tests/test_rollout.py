@@ -40,12 +40,9 @@ def run_and_grads(x, inject, params, steps, kw, fn):
     return outs, torch.autograd.grad(outs, leaves, grad)
 
 
-@pytest.mark.parametrize("neighbourhood,boundary", harness.STENCILS)
-@pytest.mark.parametrize("dtype,lattice", harness.cases())
-@pytest.mark.parametrize("E", [0, 2])
-def test_matches_reference(dtype, lattice, neighbourhood, boundary, E):
-    """Every output state and every gradient, three steps with half the cells firing."""
-    kw = dict(neighbourhood=neighbourhood, boundary=boundary, fire_rate=0.5)
+def check_against_reference(dtype, lattice, neighbourhood, boundary, E, fire_rate):
+    """Every output state and every gradient of three steps."""
+    kw = dict(neighbourhood=neighbourhood, boundary=boundary, fire_rate=fire_rate)
     x, inject, params = inputs(lattice, C, F, neighbourhood, E)
     low_x, low_inject = (None if t is None else t.to(dtype).requires_grad_() for t in (x, inject))
     low_params = {n: p.to(dtype).requires_grad_() for n, p in params.items()}
@@ -65,8 +62,52 @@ def test_matches_reference(dtype, lattice, neighbourhood, boundary, E):
 
 
 @pytest.mark.parametrize("neighbourhood,boundary", harness.STENCILS)
-def test_gradcheck_float64(neighbourhood, boundary):
-    x, inject, params = inputs(harness.Lattice(2, 2, 1, 3), 3, 2, neighbourhood, 1)
+@pytest.mark.parametrize("dtype,lattice", harness.cases())
+@pytest.mark.parametrize("E", [0, 2])
+def test_matches_reference(dtype, lattice, neighbourhood, boundary, E):
+    """Three steps with half the cells firing."""
+    check_against_reference(dtype, lattice, neighbourhood, boundary, E, fire_rate=0.5)
+
+
+# Deeper than one chunk of planes of the fused cell (csrc/cpu/cell.cpp: batch 1 splits D into up
+# to 4 chunks of >= 4 planes, batch 3 into 2), so chunks meet and recompute their halo planes;
+# planes of 39 and 10 cells, no multiple of any tile.
+DEEP = (harness.Lattice(1, 13, 3, 13), harness.Lattice(3, 9, 2, 5))
+
+
+@pytest.mark.parametrize("neighbourhood,boundary", harness.STENCILS)
+@pytest.mark.parametrize("lattice", DEEP, ids=str)
+@pytest.mark.parametrize("fire_rate", [1.0, 0.5])
+def test_deep_lattices_match_reference(lattice, neighbourhood, boundary, fire_rate):
+    check_against_reference(torch.float32, lattice, neighbourhood, boundary, 1, fire_rate)
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    """Forward and every gradient bit for bit the same on one thread and on two."""
+    kw = dict(neighbourhood="moore", boundary="periodic", fire_rate=0.5)
+    x, inject, params = inputs(DEEP[1], C, F, "moore", 1)
+    x, inject = x.float().requires_grad_(), inject.float().requires_grad_()
+    params = {n: p.float().requires_grad_() for n, p in params.items()}
+    fn = lambda x, s, p, T, **k: rollout(x, s, p, T, all_states=True, **k)  # noqa: E731
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(run_and_grads(x, inject, params, 2, kw, fn))
+    finally:
+        torch.set_num_threads(threads)
+    (outs1, grads1), (outs2, grads2) = results
+    assert torch.equal(outs1, outs2)
+    for g1, g2 in zip(grads1, grads2):
+        assert torch.equal(g1, g2)
+
+
+@pytest.mark.parametrize("neighbourhood,boundary", harness.STENCILS)
+@pytest.mark.parametrize("lattice", [harness.Lattice(2, 2, 1, 3), harness.Lattice(1, 9, 2, 1)],
+                         ids=str)
+def test_gradcheck_float64(neighbourhood, boundary, lattice):
+    x, inject, params = inputs(lattice, 3, 2, neighbourhood, 1)
     names = list(params)
 
     def fn(x, inject, *ps):
@@ -123,6 +164,20 @@ def test_saves_the_states_only_and_nothing_without_grad_or_in_inference_mode():
             assert sum(t.numel() for t in states) == (T + 1) * x.numel() + inject.numel()
     last = rollout(x, inject, params, 3, all_states=False, **kw)
     torch.testing.assert_close(last, outs[-1:], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 0, 3), (0, 2, 3, 3)], ids=str)
+def test_empty_lattice(shape):
+    """No cells: empty states, an empty state gradient and zero weight gradients."""
+    x, _, params = inputs(harness.Lattice(*shape), 5, 6, "von_neumann", 0)
+    x = x.float().requires_grad_()
+    params = {n: p.float().requires_grad_() for n, p in params.items()}
+    outs = rollout(x, None, params, 2, all_states=True, seed=1, neighbourhood="von_neumann",
+                   boundary="zero", fire_rate=1.0)
+    assert outs.shape == (2, *x.shape)
+    grads = torch.autograd.grad(outs.sum(), [x, *params.values()])
+    assert grads[0].shape == x.shape
+    assert all(not g.any() for g in grads[1:])
 
 
 def test_bad_input_is_named():

@@ -9,7 +9,6 @@
 // A row (2F values) stays in L1, so everything the backward needs (gelu, gelu', mean, rstd,
 // vhat) is recomputed from proj instead of being saved by the forward.
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <tuple>
 #include <type_traits>
@@ -25,6 +24,7 @@
 #include "cell_math.h"
 #include "checks.h"
 #include "cpu/loops.h"
+#include "cpu/row_math.h"
 
 namespace cube {
 namespace {
@@ -32,78 +32,6 @@ namespace {
 // Rows per partial sum of the weight gradients. Fixed, so their reduction order (and every bit
 // of them) does not depend on the number of threads.
 constexpr int64_t kRowsPerPartial = 64;
-
-// --- The normal CDF Phi and density phi: gelu(x) = x Phi(x), gelu'(x) = Phi(x) + x phi(x). ---
-// float: branch-free polynomials that gcc vectorises in a plain loop (std::erf/std::exp are
-// scalar library calls); max abs error of Phi about 1e-7. double (gradcheck): the exact libm.
-
-constexpr float kInvSqrt2Pi = 0.3989422804014327f;
-
-// gcc 12 (-O3, default -ftrapping-math) leaves a loop unvectorised when a float select (?:,
-// std::max) feeds a float-to-int conversion or depends on a float comparison; selects on the
-// bits as integers vectorise. `bits` and `as_float` are those reinterpretations.
-CUBE_ALWAYS_INLINE uint32_t bits(float x) { return __builtin_bit_cast(uint32_t, x); }
-CUBE_ALWAYS_INLINE float as_float(uint32_t b) { return __builtin_bit_cast(float, b); }
-
-// exp(y) for y <= 0: y = n ln2 + r, |r| <= ln2/2, e^r by its degree-7 Taylor polynomial
-// (relative error < 1e-8), 2^n built in the exponent bits. y is clamped at -87 (2^n stays
-// normal): for y <= 0 a larger magnitude has larger bits, so an unsigned min does it.
-CUBE_ALWAYS_INLINE float exp_nonpositive(float y) {
-  constexpr uint32_t kMinus87 = 0xC2AE0000u;  // bits(-87.0f)
-  y = as_float(std::min(bits(y), kMinus87));
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float n = (y * 1.44269504088896341f + kRound) - kRound;
-  const float r = (y - n * 0.693359375f) - n * -2.12194440e-4f;  // ln2 split hi + lo
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  return p * as_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
-}
-
-// Phi(x) = 1 - erfc(|x|/sqrt2)/2 (x >= 0) or erfc(|x|/sqrt2)/2, with erfc(z) = e^(-z^2) t P(t),
-// t = 1/(1 + p z): Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7). `e` = e^(-x^2/2) = sqrt(2 pi)
-// phi(x), shared with the backward's phi.
-CUBE_ALWAYS_INLINE float normal_cdf(float x, float e) {
-  const float t = 1.0f / (1.0f + 0.3275911f * (std::fabs(x) * 0.70710678118654752f));
-  float q = 1.061405429f;
-  q = q * t - 1.453152027f;
-  q = q * t + 1.421413741f;
-  q = q * t - 0.284496736f;
-  q = q * t + 0.254829592f;
-  const float lower = 0.5f * (q * t) * e;
-  const float upper = 1.0f - lower;
-  const uint32_t negative = 0u - (bits(x) >> 31);  // all ones where the sign bit is set
-  return as_float((negative & bits(lower)) | (~negative & bits(upper)));
-}
-
-CUBE_ALWAYS_INLINE float gelu(float x) {
-  return x * normal_cdf(x, exp_nonpositive(-0.5f * x * x));
-}
-
-// gelu(x) and gelu'(x).
-CUBE_ALWAYS_INLINE void gelu_and_grad(float x, float& g, float& dg) {
-  const float e = exp_nonpositive(-0.5f * x * x);
-  const float cdf = normal_cdf(x, e);
-  g = x * cdf;
-  dg = cdf + x * (kInvSqrt2Pi * e);
-}
-
-CUBE_ALWAYS_INLINE double normal_cdf(double x) { return 0.5 * std::erfc(-x * M_SQRT1_2); }
-
-CUBE_ALWAYS_INLINE double gelu(double x) { return x * normal_cdf(x); }
-
-CUBE_ALWAYS_INLINE void gelu_and_grad(double x, double& g, double& dg) {
-  const double cdf = normal_cdf(x);
-  g = x * cdf;
-  dg = cdf + x * (0.5 * M_2_SQRTPI * M_SQRT1_2) * std::exp(-0.5 * x * x);
-}
-
-// --- Rows ---
 
 template <typename scalar_t>
 struct Operands {
@@ -159,23 +87,16 @@ CUBE_ALWAYS_INLINE void store(scalar_t* p, const acc_t* buf, int64_t n) {
   }
 }
 
-// Centres v in place and returns rstd = 1 / sqrt(var(v) + eps) (two passes: no cancellation).
-template <typename acc_t>
-CUBE_ALWAYS_INLINE acc_t centre(acc_t* __restrict__ v, int64_t F) {
-  const acc_t mean = fixed_order_dot<acc_t>(v, nullptr, F) / static_cast<acc_t>(F);
-  for (int64_t f = 0; f < F; ++f) v[f] -= mean;
-  const acc_t var = fixed_order_dot<acc_t>(v, v, F) / static_cast<acc_t>(F);
-  return acc_t(1) / std::sqrt(var + static_cast<acc_t>(kLayerNormEps));
-}
-
 // Scratch rows of one task, in the accumulation type.
 template <typename acc_t>
 struct Scratch {
   std::vector<acc_t> mem;
-  acc_t *z, *v, *dgelu, *grad_u, *grad_vn, *g, *out_a, *out_b;  // z, out_b: 2F; the others: F
-  explicit Scratch(int64_t F) : mem(static_cast<size_t>(10 * F)) {
-    z = mem.data(), v = z + 2 * F, dgelu = v + F, grad_u = dgelu + F, grad_vn = grad_u + F;
-    g = grad_vn + F, out_a = g + F, out_b = out_a + F;
+  // z, dgelu, out_b: 2F; the others: F
+  acc_t *z, *grad_u, *grad_vn, *out_a, *out_b, *u, *vn, *dgelu, *vhat, *g;
+  explicit Scratch(int64_t F) : mem(static_cast<size_t>(14 * F)) {
+    z = mem.data(), grad_u = z + 2 * F, grad_vn = grad_u + F, out_a = grad_vn + F;
+    out_b = out_a + F, u = out_b + 2 * F, vn = u + F, dgelu = vn + F, vhat = dgelu + 2 * F;
+    g = vhat + F;
   }
 };
 
@@ -186,17 +107,11 @@ struct ForwardRows {
                                      const int64_t& end) {
     const int64_t F = o.F;
     Scratch<acc_t> s(F);
-    const acc_t* __restrict__ w = o.w;
-    const acc_t* __restrict__ b = o.b;
     for (int64_t r = begin; r < end; ++r) {
       const acc_t* __restrict__ z = load_biased(o.proj + r * 2 * F, o.bias, 2 * F, s.z);
-      acc_t* __restrict__ u = output(o.u + r * F, s.out_a);
-      for (int64_t f = 0; f < F; ++f) u[f] = gelu(z[f]);
-      acc_t* __restrict__ v = s.v;
-      for (int64_t f = 0; f < F; ++f) v[f] = gelu(z[F + f]);
-      const acc_t rstd = centre(v, F);
-      acc_t* __restrict__ vn = output(o.vn + r * F, s.out_b);
-      for (int64_t f = 0; f < F; ++f) vn[f] = v[f] * rstd * w[f] + b[f];
+      acc_t* u = output(o.u + r * F, s.out_a);
+      acc_t* vn = output(o.vn + r * F, s.out_b);
+      rows::gate_input(z, o.w, o.b, F, u, vn);
       store(o.u + r * F, u, F);
       store(o.vn + r * F, vn, F);
     }
@@ -210,7 +125,6 @@ struct BackwardBlocks {
                                      const int64_t& block_end) {
     const int64_t F = o.F;
     Scratch<acc_t> s(F);
-    const acc_t* __restrict__ w = o.w;
     for (int64_t blk = block_begin; blk < block_end; ++blk) {
       acc_t* __restrict__ pw = o.partial + blk * 4 * F;  // dln2_weight
       acc_t* __restrict__ pb = pw + F;                    // dln2_bias
@@ -221,31 +135,9 @@ struct BackwardBlocks {
         const acc_t* __restrict__ z = load_biased(o.proj + r * 2 * F, o.bias, 2 * F, s.z);
         const acc_t* __restrict__ gu = load(o.grad_u + r * F, F, s.grad_u);
         const acc_t* __restrict__ gvn = load(o.grad_vn + r * F, F, s.grad_vn);
-        acc_t* __restrict__ dz = output(o.dz_pre + r * 2 * F, s.out_b);
-        // The GELU half: dz = grad_u * gelu'(a).
-        for (int64_t f = 0; f < F; ++f) {
-          acc_t g, dg;
-          gelu_and_grad(z[f], g, dg);
-          dz[f] = gu[f] * dg;
-        }
-        // The gate half: v = gelu(b), then vhat in place of v.
-        acc_t* __restrict__ v = s.v;
-        acc_t* __restrict__ dgelu = s.dgelu;
-        for (int64_t f = 0; f < F; ++f) gelu_and_grad(z[F + f], v[f], dgelu[f]);
-        const acc_t rstd = centre(v, F);
-        for (int64_t f = 0; f < F; ++f) {
-          v[f] *= rstd;
-          pw[f] += gvn[f] * v[f];
-          pb[f] += gvn[f];
-        }
-        acc_t* __restrict__ g = s.g;
-        for (int64_t f = 0; f < F; ++f) g[f] = gvn[f] * w[f];
-        const acc_t inv_F = acc_t(1) / static_cast<acc_t>(F);
-        const acc_t mean_g = fixed_order_dot<acc_t>(g, nullptr, F) * inv_F;
-        const acc_t mean_gv = fixed_order_dot<acc_t>(g, v, F) * inv_F;
-        for (int64_t f = 0; f < F; ++f)
-          dz[F + f] = rstd * (g[f] - mean_g - v[f] * mean_gv) * dgelu[f];
-        for (int64_t f = 0; f < 2 * F; ++f) pz[f] += dz[f];
+        acc_t* dz = output(o.dz_pre + r * 2 * F, s.out_b);
+        const acc_t rstd = rows::gate_input_saving(z, o.w, o.b, F, s.u, s.vn, s.dgelu, s.vhat);
+        rows::gate_input_backward(gu, gvn, s.dgelu, s.vhat, rstd, o.w, F, s.g, dz, pw, pb, pz);
         store(o.dz_pre + r * 2 * F, dz, 2 * F);
       }
     }
@@ -278,16 +170,18 @@ void forward_kernel(const GateInputArgs& a, const at::Tensor& proj, const at::Te
 template <typename scalar_t>
 void backward_kernel(const GateInputArgs& a, const at::Tensor& grad_u, const at::Tensor& grad_vn,
                      const at::Tensor& proj, const at::Tensor& b_in,
-                     const at::Tensor& ln2_weight, const at::Tensor& dz_pre, const at::Tensor& dln2_weight,
+                     const at::Tensor& ln2_weight, const at::Tensor& ln2_bias,
+                     const at::Tensor& dz_pre, const at::Tensor& dln2_weight,
                      const at::Tensor& dln2_bias, const at::Tensor& db_in) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t F = a.F;
   const int64_t blocks = (a.N + kRowsPerPartial - 1) / kRowsPerPartial;
   const std::vector<acc_t> bias = to_acc<scalar_t>(b_in), w = to_acc<scalar_t>(ln2_weight);
+  const std::vector<acc_t> b = to_acc<scalar_t>(ln2_bias);  // vn, recomputed on the way
   std::vector<acc_t> partial(static_cast<size_t>(blocks * 4 * F));
   Operands<scalar_t> o{};
   o.rows = a.N, o.F = F;
-  o.proj = proj.const_data_ptr<scalar_t>(), o.bias = bias.data(), o.w = w.data();
+  o.proj = proj.const_data_ptr<scalar_t>(), o.bias = bias.data(), o.w = w.data(), o.b = b.data();
   o.grad_u = grad_u.const_data_ptr<scalar_t>(), o.grad_vn = grad_vn.const_data_ptr<scalar_t>();
   o.dz_pre = dz_pre.mutable_data_ptr<scalar_t>(), o.partial = partial.data();
   at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
@@ -328,15 +222,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_input_backward_c
                                            ln2_weight_in, ln2_bias_in, &grad_u_in, &grad_vn_in);
   const at::Tensor grad_u = grad_u_in.contiguous(), grad_vn = grad_vn_in.contiguous();
   const at::Tensor proj = proj_in.contiguous(), b_in = b_in_in.contiguous();
-  const at::Tensor ln2_weight = ln2_weight_in.contiguous();
+  const at::Tensor ln2_weight = ln2_weight_in.contiguous(), ln2_bias = ln2_bias_in.contiguous();
   at::Tensor dz_pre = at::empty({a.N, 2 * a.F}, proj.options());
   at::Tensor dln2_weight = at::empty({a.F}, proj.options());
   at::Tensor dln2_bias = at::empty({a.F}, proj.options());
   at::Tensor db_in = at::empty({2 * a.F}, proj.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, proj.scalar_type(), "cube::gate_input_backward", [&] {
-        backward_kernel<scalar_t>(a, grad_u, grad_vn, proj, b_in, ln2_weight, dz_pre, dln2_weight,
-                                  dln2_bias, db_in);
+        backward_kernel<scalar_t>(a, grad_u, grad_vn, proj, b_in, ln2_weight, ln2_bias, dz_pre,
+                                  dln2_weight, dln2_bias, db_in);
       });
   return {dz_pre, dln2_weight, dln2_bias, db_in};
 }

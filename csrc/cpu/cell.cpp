@@ -1,0 +1,477 @@
+// The fused CPU cell (SPEC.md "One step" and "Backward"; docs/performance.md "The fused cell").
+// A task is one batch item's chunk of d-planes [d0, d1), swept in order. A plane (H x W cells) is
+// the tile: its rows run through LayerNorm, the in-projection, GELU and the gate LayerNorm into
+// a ring of three plane buffers (planes d-1, d, d+1: the stencil reaches one plane each way),
+// then the gather + gate of plane d, the out-projection and the stochastic residual update, so
+// u, vn and h (2F values per cell) stay in per-thread plane buffers. A chunk recomputes the
+// planes just outside it (its halo) instead of sharing them with its neighbours.
+//   forward   plane d+1 in, then plane d out: x_new = where(m, x + (h @ w_out + b_out), x),
+//             rounded once to the state's dtype; a non-firing cell keeps its state bit for bit
+//   backward  from the saved state x, per plane e = d+1 (stage A): u, vn recomputed (keeping
+//             gelu' and the gate LayerNorm's vhat, so stage B evaluates no GELU again),
+//             d_delta = where(m, grad, 0), dh = d_delta @ w_out^T, dg = dh * u; then plane d
+//             (stage B, it needs vn and dg of d-1, d, d+1): g recomputed, du = dh * g,
+//             dvn (the transposed stencil on dg), dw_sp, db_sp, dw_out += h^T d_delta, the
+//             gate-input backward, dw_in += y^T dz_pre, dy = dz_pre @ w_in^T, the LayerNorm
+//             backward and the residual: dx = LN'(dy) + grad
+// The GEMMs run one plane at a time on oneDNN's fp32 micro-kernel (cpublas::brgemm, fp32
+// accumulation) for fp32, bf16 and fp16 states: everything in a plane buffer is fp32, only the
+// state is stored in its dtype. float64 (gradcheck) runs the same plan with a plain loop GEMM.
+// Weight gradients: one partial sum per task, in a fixed row order, added in task order; the
+// tasks depend on the shapes only, so every bit of them is the same for any thread count.
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <ATen/ops/empty.h>
+
+#include "cell_math.h"
+#include "cpu/cell.h"
+#include "cpu/loops.h"
+#include "cpu/row_math.h"
+
+namespace cube {
+namespace {
+
+// C[M, N] = A[M, K] @ B[K, N] (+ C with `add`), all row-major with leading dimensions.
+CUBE_ALWAYS_INLINE void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                             const float* B, int64_t ldb, float* C, int64_t ldc, bool add) {
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, A, B, C, /*is_vnni=*/false);
+}
+
+// float64 (gradcheck) has no micro-kernel and ATen exports no BLAS call for it: a plain loop.
+CUBE_ALWAYS_INLINE void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
+                             const double* B, int64_t ldb, double* C, int64_t ldc, bool add) {
+  for (int64_t i = 0; i < M; ++i) {
+    double* __restrict__ c = C + i * ldc;
+    if (!add) std::fill(c, c + N, 0.0);
+    for (int64_t k = 0; k < K; ++k) {
+      const double a = A[i * lda + k];
+      const double* __restrict__ b = B + k * ldb;
+      for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
+    }
+  }
+}
+
+// out[c, r] = a[r, c] for a [rows, cols] (row stride lda), in blocks of 8 x 8 so that both
+// sides touch few cache lines at a time.
+template <typename T>
+CUBE_ALWAYS_INLINE void transpose(const T* a, int64_t rows, int64_t cols, int64_t lda, T* out) {
+  constexpr int64_t kBlock = 8;
+  for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
+    const int64_t r1 = std::min(rows, r0 + kBlock);
+    for (int64_t c0 = 0; c0 < cols; c0 += kBlock) {
+      const int64_t c1 = std::min(cols, c0 + kBlock);
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t r = r0; r < r1; ++r) out[c * rows + r] = a[r * lda + c];
+    }
+  }
+}
+
+// Chunks of planes per batch item: about kTasks tasks in all where the lattice is deep enough,
+// with at least kMinPlanes planes per chunk (each chunk recomputes up to two halo planes). A
+// function of the shapes only, not of the thread count: the weight-gradient partials (one per
+// task) are then summed in the same order for any number of threads.
+int64_t chunks_per_item(int64_t B, int64_t D) {
+  constexpr int64_t kTasks = 4, kMinPlanes = 4;
+  return std::max<int64_t>(1, std::min((kTasks + B - 1) / B, D / kMinPlanes));
+}
+
+// Channels per register tile of the stencil sums.
+constexpr int64_t kTile = 32;
+constexpr int64_t kMaxTokens = 27;  // Moore
+
+// out[f] = bias[f] (0 without bias) + sum_k w[k, f] * tok[k][f] over the rows that are there,
+// on channels [f0, f0 + width); kWidth > 0 fixes the width at compile time (registers).
+template <int64_t kWidth, typename acc_t>
+CUBE_ALWAYS_INLINE void stencil_tile(const acc_t* const* tok, const acc_t* w, const acc_t* bias,
+                                     int64_t K, int64_t F, int64_t f0, int64_t width,
+                                     acc_t* out) {
+  const int64_t n = kWidth > 0 ? kWidth : width;
+  acc_t acc[kTile];
+  for (int64_t f = 0; f < n; ++f) acc[f] = bias == nullptr ? acc_t(0) : bias[f0 + f];
+  for (int64_t k = 0; k < K; ++k) {
+    if (tok[k] == nullptr) continue;
+    const acc_t* __restrict__ v = tok[k] + f0;
+    const acc_t* __restrict__ wk = w + k * F + f0;
+    for (int64_t f = 0; f < n; ++f) acc[f] += wk[f] * v[f];
+  }
+  for (int64_t f = 0; f < n; ++f) out[f0 + f] = acc[f];
+}
+
+template <typename acc_t>
+CUBE_ALWAYS_INLINE void stencil(const acc_t* const* tok, const acc_t* w, const acc_t* bias,
+                                int64_t K, int64_t F, acc_t* out) {
+  int64_t f0 = 0;
+  for (; f0 + kTile <= F; f0 += kTile) stencil_tile<kTile>(tok, w, bias, K, F, f0, kTile, out);
+  if (f0 < F) stencil_tile<0>(tok, w, bias, K, F, f0, F - f0, out);
+}
+
+// One step's operands. scalar_t: the state's dtype (the backward runs with the accumulation type).
+template <typename scalar_t>
+struct Step {
+  using acc_t = at::opmath_type<scalar_t>;
+  int64_t B, D, P, C, F, K;  // P = H * W cells per plane
+  int boundary;
+  const scalar_t* x;
+  const scalar_t* inject;  // [B, H, W, E] or nullptr
+  int64_t E;
+  const acc_t* p[kNumCellParams];
+  const acc_t* w_in_t;   // backward: w_in^T [2F, C] and w_out^T [C, F]
+  const acc_t* w_out_t;
+  const int32_t* nbr;    // [P, K]: the cell of the plane that token k of a cell reads, -1 where
+                         // the zero boundary leaves it out
+  const int32_t* nbr_t;  // the same with the offsets negated (backward's transposed stencil)
+  const int* dd;         // [K]: token k's offset in d
+  uint64_t seed;
+  int64_t step;
+  float fire_rate;
+  int64_t chunks;  // per batch item
+
+  // The plane that the unwrapped index e stands for, or -1 outside a zero boundary.
+  int64_t plane(int64_t e) const {
+    if (e >= 0 && e < D) return e;
+    return boundary == kPeriodic ? (e % D + D) % D : -1;
+  }
+
+  bool fires(int64_t b, int64_t d, int64_t q) const {
+    return cube::fires(seed, step, B, b, D * P, d * P + q, fire_rate);
+  }
+
+  // Row q of plane d of batch item b (the injected channels of the front face included) in the
+  // accumulation type: the row itself where it is one, else converted into buf.
+  const acc_t* row(int64_t b, int64_t d, int64_t q, acc_t* buf) const {
+    const scalar_t* r = x + ((b * D + d) * P + q) * C;
+    const bool injected = inject != nullptr && d == 0;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if (!injected) return r;
+    }
+    for (int64_t c = 0; c < C; ++c) buf[c] = static_cast<acc_t>(r[c]);
+    if (injected) {
+      const scalar_t* s = inject + (b * P + q) * E;
+      for (int64_t c = 0; c < E; ++c) buf[c] = static_cast<acc_t>(s[c]);
+    }
+    return buf;
+  }
+
+  // Plane d of item b through LayerNorm (into y, [P, C]) and the in-projection plus its bias
+  // (into z, [P, 2F]).
+  CUBE_ALWAYS_INLINE void project_plane(int64_t b, int64_t d, acc_t* y, acc_t* z,
+                                        acc_t* buf) const {
+    for (int64_t q = 0; q < P; ++q)
+      rows::layer_norm(row(b, d, q, buf), p[kLn1W], p[kLn1B], C, y + q * C);
+    gemm(P, 2 * F, C, y, C, p[kWIn], 2 * F, z, 2 * F, false);
+    const acc_t* __restrict__ b_in = p[kBIn];
+    for (int64_t q = 0; q < P; ++q) {
+      acc_t* __restrict__ zq = z + q * 2 * F;
+      for (int64_t f = 0; f < 2 * F; ++f) zq[f] += b_in[f];
+    }
+  }
+
+  // tok[k]: the row (of `width` values, at column `col`) of plane buffers planes[0..2] (planes
+  // d-1, d, d+1, nullptr where absent) that token k of cell q reads; nullptr where there is none.
+  // `sign` -1 reads the transposed stencil.
+  CUBE_ALWAYS_INLINE void token_rows(acc_t* const* planes, int64_t q, int64_t width, int64_t col,
+                                     int sign, const acc_t** tok) const {
+    const int32_t* n = (sign > 0 ? nbr : nbr_t) + q * K;
+    for (int64_t k = 0; k < K; ++k) {
+      const acc_t* plane = planes[1 + sign * dd[k]];
+      tok[k] = n[k] < 0 || plane == nullptr ? nullptr : plane + n[k] * width + col;
+    }
+  }
+
+  // Chunk c of item b: planes [d0, d1).
+  void chunk(int64_t task, int64_t& b, int64_t& d0, int64_t& d1) const {
+    b = task / chunks;
+    const int64_t c = task % chunks;
+    d0 = c * D / chunks, d1 = (c + 1) * D / chunks;
+  }
+};
+
+// A task's ring of three plane buffers, indexed by the unwrapped plane e >= d0 - 1.
+template <typename acc_t>
+CUBE_ALWAYS_INLINE acc_t* ring_slot(acc_t* ring, int64_t slot_size, int64_t e, int64_t d0) {
+  return ring + ((e - d0 + 1) % 3) * slot_size;
+}
+
+template <typename scalar_t>
+struct ForwardTasks {
+  using acc_t = at::opmath_type<scalar_t>;
+  static CUBE_ALWAYS_INLINE void run(const Step<scalar_t>& s, scalar_t* const& out,
+                                     const int64_t& begin, const int64_t& end) {
+    const int64_t P = s.P, C = s.C, F = s.F, slot = P * 2 * F;
+    std::vector<acc_t> mem(static_cast<size_t>(3 * slot + 2 * P * C + P * F + C));
+    acc_t* ring = mem.data();
+    acc_t* y = ring + 3 * slot;       // [P, C]
+    acc_t* delta = y + P * C;         // [P, C]
+    acc_t* h = delta + P * C;         // [P, F]
+    acc_t* buf = h + P * F;           // one state row
+    const acc_t* __restrict__ b_out = s.p[kBOut];
+    for (int64_t task = begin; task < end; ++task) {
+      int64_t b, d0, d1;
+      s.chunk(task, b, d0, d1);
+      for (int64_t e = d0 - 1; e <= d1; ++e) {
+        const int64_t pe = s.plane(e);
+        if (pe >= 0) {
+          acc_t* uvn = ring_slot(ring, slot, e, d0);  // u | vn, in place of z
+          s.project_plane(b, pe, y, uvn, buf);
+          for (int64_t q = 0; q < P; ++q) {
+            acc_t* z = uvn + q * 2 * F;
+            rows::gate_input(z, s.p[kLn2W], s.p[kLn2B], F, z, z + F);
+          }
+        }
+        const int64_t d = e - 1;  // plane d has its neighbours now
+        if (d < d0) continue;
+        acc_t* planes[3];
+        for (int i = 0; i < 3; ++i)
+          planes[i] = s.plane(d - 1 + i) < 0 ? nullptr : ring_slot(ring, slot, d - 1 + i, d0);
+        const acc_t* tok[kMaxTokens];
+        for (int64_t q = 0; q < P; ++q) {
+          s.token_rows(planes, q, 2 * F, F, 1, tok);
+          acc_t* hq = h + q * F;
+          stencil(tok, s.p[kWSp], s.p[kBSp], s.K, F, hq);
+          const acc_t* __restrict__ u = planes[1] + q * 2 * F;
+          for (int64_t f = 0; f < F; ++f) hq[f] *= u[f];
+        }
+        gemm(P, C, F, h, F, s.p[kWOut], C, delta, C, false);
+        for (int64_t q = 0; q < P; ++q) {
+          const acc_t* __restrict__ xq = s.row(b, d, q, buf);
+          scalar_t* __restrict__ o = out + ((b * s.D + d) * P + q) * C;
+          if (s.fires(b, d, q)) {
+            const acc_t* __restrict__ dq = delta + q * C;
+            for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(xq[c] + (dq[c] + b_out[c]));
+          } else {
+            for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(xq[c]);
+          }
+        }
+      }
+    }
+  }
+};
+
+// Offsets of the ten weight gradients in a task's partial sums (SPEC's order).
+struct GradLayout {
+  int64_t offset[kNumCellParams + 1];
+  explicit GradLayout(const CellParams& p) {
+    offset[0] = 0;
+    for (int i = 0; i < kNumCellParams; ++i) offset[i + 1] = offset[i] + p[i].numel();
+  }
+  int64_t size() const { return offset[kNumCellParams]; }
+};
+
+template <typename acc_t>
+struct BackwardTasks {
+  static CUBE_ALWAYS_INLINE void run(const Step<acc_t>& s, const acc_t* const& grad,
+                                     acc_t* const& dx, const GradLayout& layout,
+                                     acc_t* const& partials, const int64_t& begin,
+                                     const int64_t& end) {
+    const int64_t P = s.P, C = s.C, F = s.F, K = s.K;
+    // Per ring slot: uvn [P, 2F] (u | vn), dgelu [P, 2F] (gelu' of the pre-activations), vhat
+    // [P, F] and rstd [P] (the gate LayerNorm's), d_delta [P, C], dh [P, F], dg [P, F].
+    const int64_t uvn_at = 0, dgelu_at = P * 2 * F, vhat_at = 2 * dgelu_at;
+    const int64_t rstd_at = vhat_at + P * F, dd_at = rstd_at + P, dh_at = dd_at + P * C;
+    const int64_t dg_at = dh_at + P * F, slot = dg_at + P * F;
+    std::vector<acc_t> mem(static_cast<size_t>(3 * slot + P * (6 * F + 4 * C) + P + 2 * F + 3 * C));
+    acc_t* ring = mem.data();
+    acc_t* h = ring + 3 * slot;  // [P, F]
+    acc_t* h_t = h + P * F;      // [F, P]
+    acc_t* du = h_t + P * F;     // [P, F]
+    acc_t* dvn = du + P * F;     // [P, F]
+    acc_t* dz = dvn + P * F;     // [P, 2F]: z, then dz_pre
+    acc_t* y = dz + P * 2 * F;   // [P, C]
+    acc_t* y_t = y + P * C;      // [C, P]
+    acc_t* xhat = y_t + P * C;   // [P, C]
+    acc_t* dy = xhat + P * C;    // [P, C]
+    acc_t* rstd = dy + P * C;    // [P]
+    acc_t* g = rstd + P;         // [F]
+    acc_t* g_ln = g + F;         // [F]
+    acc_t* buf = g_ln + F;       // [C]
+    acc_t* ln = buf + C;         // [C]
+    acc_t* dxq = ln + C;         // [C]
+    for (int64_t task = begin; task < end; ++task) {
+      int64_t b, d0, d1;
+      s.chunk(task, b, d0, d1);
+      acc_t* part = partials + task * layout.size();
+      acc_t* pg[kNumCellParams];
+      for (int i = 0; i < kNumCellParams; ++i) pg[i] = part + layout.offset[i];
+      for (int64_t e = d0 - 1; e <= d1; ++e) {
+        const int64_t pe = s.plane(e);
+        if (pe >= 0) {  // stage A
+          acc_t* sl = ring_slot(ring, slot, e, d0);
+          acc_t *uvn = sl + uvn_at, *d_delta = sl + dd_at, *dh = sl + dh_at, *dg = sl + dg_at;
+          s.project_plane(b, pe, y, dz, buf);
+          for (int64_t q = 0; q < P; ++q)
+            sl[rstd_at + q] = rows::gate_input_saving(
+                dz + q * 2 * F, s.p[kLn2W], s.p[kLn2B], F, uvn + q * 2 * F, uvn + q * 2 * F + F,
+                sl + dgelu_at + q * 2 * F, sl + vhat_at + q * F);
+          for (int64_t q = 0; q < P; ++q) {
+            const acc_t* gq = grad + ((b * s.D + pe) * P + q) * C;
+            acc_t* o = d_delta + q * C;
+            if (s.fires(b, pe, q)) std::copy(gq, gq + C, o); else std::fill(o, o + C, acc_t(0));
+          }
+          gemm(P, F, C, d_delta, C, s.w_out_t, F, dh, F, false);
+          for (int64_t q = 0; q < P; ++q) {
+            const acc_t* __restrict__ u = uvn + q * 2 * F;
+            const acc_t* __restrict__ dhq = dh + q * F;
+            acc_t* __restrict__ dgq = dg + q * F;
+            for (int64_t f = 0; f < F; ++f) dgq[f] = dhq[f] * u[f];
+          }
+        }
+        const int64_t d = e - 1;  // stage B
+        if (d < d0) continue;
+        acc_t* sl = ring_slot(ring, slot, d, d0);
+        const acc_t *uvn = sl + uvn_at, *d_delta = sl + dd_at, *dh = sl + dh_at, *dg = sl + dg_at;
+        acc_t *uvn_planes[3], *dg_planes[3];
+        for (int i = 0; i < 3; ++i) {
+          acc_t* si = s.plane(d - 1 + i) < 0 ? nullptr : ring_slot(ring, slot, d - 1 + i, d0);
+          uvn_planes[i] = si == nullptr ? nullptr : si + uvn_at;
+          dg_planes[i] = si == nullptr ? nullptr : si + dg_at;
+        }
+        // Gather + gate backward: du, dvn, dw_sp, db_sp (and h for dw_out).
+        const acc_t* tok[kMaxTokens];
+        acc_t* __restrict__ pw_sp = pg[kWSp];
+        acc_t* __restrict__ pb_sp = pg[kBSp];
+        for (int64_t q = 0; q < P; ++q) {
+          s.token_rows(uvn_planes, q, 2 * F, F, 1, tok);
+          stencil(tok, s.p[kWSp], s.p[kBSp], K, F, g);
+          const acc_t* __restrict__ u = uvn + q * 2 * F;
+          const acc_t* __restrict__ dhq = dh + q * F;
+          const acc_t* __restrict__ dgq = dg + q * F;
+          acc_t* __restrict__ hq = h + q * F;
+          acc_t* __restrict__ duq = du + q * F;
+          for (int64_t f = 0; f < F; ++f) {
+            hq[f] = u[f] * g[f];
+            duq[f] = dhq[f] * g[f];
+            pb_sp[f] += dgq[f];
+          }
+          for (int64_t k = 0; k < K; ++k) {
+            if (tok[k] == nullptr) continue;
+            const acc_t* __restrict__ v = tok[k];
+            acc_t* __restrict__ pwk = pw_sp + k * F;
+            for (int64_t f = 0; f < F; ++f) pwk[f] += dgq[f] * v[f];
+          }
+          s.token_rows(dg_planes, q, F, 0, -1, tok);
+          stencil<acc_t>(tok, s.p[kWSp], nullptr, K, F, dvn + q * F);
+        }
+        // Out-projection backward: dw_out += h^T d_delta, db_out += sum d_delta.
+        transpose(h, P, F, F, h_t);
+        gemm(F, C, P, h_t, P, d_delta, C, pg[kWOut], C, true);
+        for (int64_t q = 0; q < P; ++q)
+          for (int64_t c = 0; c < C; ++c) pg[kBOut][c] += d_delta[q * C + c];
+        // Gate input backward: dz_pre, dln2_weight, dln2_bias, db_in.
+        for (int64_t q = 0; q < P; ++q)
+          rows::gate_input_backward(du + q * F, dvn + q * F, sl + dgelu_at + q * 2 * F,
+                                    sl + vhat_at + q * F, sl[rstd_at + q], s.p[kLn2W], F, g_ln,
+                                    dz + q * 2 * F, pg[kLn2W], pg[kLn2B], pg[kBIn]);
+        // In-projection backward: dw_in += y^T dz_pre, dy = dz_pre @ w_in^T (y recomputed).
+        for (int64_t q = 0; q < P; ++q) {
+          const acc_t* xq = s.row(b, d, q, buf);
+          acc_t* __restrict__ xh = xhat + q * C;
+          std::copy(xq, xq + C, xh);
+          rstd[q] = rows::centre(xh, C);
+          acc_t* __restrict__ yq = y + q * C;
+          for (int64_t c = 0; c < C; ++c) {
+            xh[c] *= rstd[q];
+            yq[c] = xh[c] * s.p[kLn1W][c] + s.p[kLn1B][c];
+          }
+        }
+        transpose(y, P, C, C, y_t);
+        gemm(C, 2 * F, P, y_t, P, dz, 2 * F, pg[kWIn], 2 * F, true);
+        gemm(P, C, 2 * F, dz, 2 * F, s.w_in_t, C, dy, C, false);
+        // LayerNorm backward and the residual.
+        for (int64_t q = 0; q < P; ++q) {
+          const int64_t r = ((b * s.D + d) * P + q) * C;
+          rows::layer_norm_backward(xhat + q * C, dy + q * C, s.p[kLn1W], rstd[q], C, ln, dxq,
+                                    pg[kLn1W], pg[kLn1B]);
+          for (int64_t c = 0; c < C; ++c) dx[r + c] = dxq[c] + grad[r + c];
+        }
+      }
+    }
+  }
+};
+
+// The operands common to both directions.
+template <typename scalar_t>
+Step<scalar_t> make_step(const at::Tensor& x, const CellParams& p, const CellConfig& cfg,
+                         int64_t step, std::vector<int32_t>& nbr, std::vector<int32_t>& nbr_t,
+                         std::vector<int>& dd) {
+  using acc_t = at::opmath_type<scalar_t>;
+  Step<scalar_t> s{};
+  s.B = x.size(0), s.D = x.size(1), s.P = x.size(2) * x.size(3), s.C = x.size(4);
+  s.F = p[kWIn].size(1) / 2, s.K = num_tokens(cfg.neighbourhood);
+  s.boundary = cfg.boundary;
+  s.x = x.const_data_ptr<scalar_t>();
+  for (int i = 0; i < kNumCellParams; ++i) s.p[i] = p[i].const_data_ptr<acc_t>();
+  const Lattice plane{1, x.size(2), x.size(3), cfg.boundary};
+  nbr.resize(static_cast<size_t>(s.P * s.K));
+  nbr_t.resize(nbr.size());
+  dd.resize(static_cast<size_t>(s.K));
+  for (int k = 0; k < s.K; ++k) {
+    int dk, hk, wk;
+    token_offset(cfg.neighbourhood, k, dk, hk, wk);
+    dd[k] = dk;
+    for (int64_t q = 0; q < s.P; ++q) {
+      nbr[q * s.K + k] = static_cast<int32_t>(plane.neighbour(q, 0, hk, wk));
+      nbr_t[q * s.K + k] = static_cast<int32_t>(plane.neighbour(q, 0, -hk, -wk));
+    }
+  }
+  s.nbr = nbr.data(), s.nbr_t = nbr_t.data(), s.dd = dd.data();
+  s.seed = static_cast<uint64_t>(cfg.seed), s.step = step;
+  s.fire_rate = static_cast<float>(cfg.fire_rate);
+  s.chunks = chunks_per_item(s.B, s.D);
+  return s;
+}
+
+}  // namespace
+
+void cell_forward(const at::Tensor& x, const at::Tensor& inject, const CellParams& p,
+                  const CellConfig& cfg, int64_t step, const at::Tensor& out) {
+  if (x.numel() == 0) return;  // no cells (or no channels): nothing to compute
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "cube::cell_forward", [&] {
+    std::vector<int32_t> nbr, nbr_t;
+    std::vector<int> dd;
+    Step<scalar_t> s = make_step<scalar_t>(x, p, cfg, step, nbr, nbr_t, dd);
+    if (inject.defined()) s.inject = inject.const_data_ptr<scalar_t>(), s.E = inject.size(-1);
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, s.B * s.chunks, 1, [&](int64_t begin, int64_t end) {
+      run_best_isa<ForwardTasks<scalar_t>>(s, o, begin, end);
+    });
+  });
+}
+
+at::Tensor cell_backward(const at::Tensor& grad, const at::Tensor& x, const CellParams& p,
+                         const CellConfig& cfg, int64_t step, CellParams& dp) {
+  at::Tensor dx = at::empty(x.sizes(), x.options());
+  if (x.numel() == 0) return dx;  // no cells: no gradient to add
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cube::cell_backward", [&] {
+    std::vector<int32_t> nbr, nbr_t;
+    std::vector<int> dd;
+    Step<scalar_t> s = make_step<scalar_t>(x, p, cfg, step, nbr, nbr_t, dd);
+    const at::Tensor w_in_t = p[kWIn].t().contiguous(), w_out_t = p[kWOut].t().contiguous();
+    s.w_in_t = w_in_t.const_data_ptr<scalar_t>(), s.w_out_t = w_out_t.const_data_ptr<scalar_t>();
+    const GradLayout layout(p);
+    const int64_t tasks = s.B * s.chunks;
+    std::vector<scalar_t> partials(static_cast<size_t>(tasks * layout.size()), scalar_t(0));
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    scalar_t* o = dx.mutable_data_ptr<scalar_t>();
+    scalar_t* part = partials.data();
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      run_best_isa<BackwardTasks<scalar_t>>(s, g, o, layout, part, begin, end);
+    });
+    std::vector<scalar_t> total(static_cast<size_t>(layout.size()));
+    sum_block_partials(partials.data(), tasks, layout.size(), total.data());
+    for (int i = 0; i < kNumCellParams; ++i) {
+      scalar_t* dst = dp[i].mutable_data_ptr<scalar_t>();
+      for (int64_t j = 0; j < layout.offset[i + 1] - layout.offset[i]; ++j)
+        dst[j] += total[layout.offset[i] + j];
+    }
+  });
+  return dx;
+}
+
+}  // namespace cube

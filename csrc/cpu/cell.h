@@ -1,0 +1,40 @@
+// The fused CPU cell: one whole lattice step (SPEC.md "One step") and its backward, one d-plane
+// at a time, so that u, vn, h (2F values per cell) stay in per-thread plane buffers instead of
+// whole-lattice tensors. Called by the rollout op (cpu/rollout.cpp); cpu/cell.cpp says how.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+
+namespace cube {
+
+struct CellConfig {
+  int64_t seed;
+  int neighbourhood, boundary;  // cell_math.h's Neighbourhood and Boundary
+  double fire_rate;
+};
+
+// The ten parameters, in SPEC's order.
+enum CellParam { kLn1W, kLn1B, kWIn, kBIn, kLn2W, kLn2B, kWSp, kBSp, kWOut, kBOut, kNumCellParams };
+
+// The ten parameters, contiguous, in the accumulation type of the state (fp32 for bf16/fp16,
+// float64 for float64).
+using CellParams = std::vector<at::Tensor>;
+
+// x_new = step(inject(x), step) into `out` (x's shape and dtype, contiguous). x: [B, D, H, W, C]
+// contiguous; `inject` ([B, H, W, E], x's dtype, contiguous) or undefined: the first E channels
+// of the front face (d = 0) are read from it instead of x. Every sum in the accumulation type,
+// each output rounded once to x's dtype.
+void cell_forward(const at::Tensor& x, const at::Tensor& inject, const CellParams& p,
+                  const CellConfig& cfg, int64_t step, const at::Tensor& out);
+
+// The backward of one step at the (already injected) state x, both x and `grad` (the gradient
+// of the step's output) contiguous in the accumulation type: returns the gradient of x, the
+// residual included, and adds the weight gradients into `dp` (shapes and dtype of `p`). The
+// weight gradients are summed in an order fixed by the shapes, not by the number of threads.
+at::Tensor cell_backward(const at::Tensor& grad, const at::Tensor& x, const CellParams& p,
+                         const CellConfig& cfg, int64_t step, CellParams& dp);
+
+}  // namespace cube
