@@ -124,15 +124,9 @@ class FusedRollout(Fused):
     def key(self) -> str:
         return "cpu_rollout"  # its backend is "cpu", but its row must not be taken for the per-step one
 
-    def unavailable(self, cfg):
-        if cfg.alive_channel is not None:
-            return "alive masking is not implemented here (CubeLattice runs it step by step)"
-        return super().unavailable(cfg)
-
     def rollout_fn(self, cfg):
         from cube_kernels.ops.rollout import rollout as rollout_op
         kw = _step_kwargs(cfg)
-        del kw["alive_channel"]
 
         def rollout(x, params):
             return rollout_op(x, None, params, cfg.steps, seed=cfg.seed, all_states=False, **kw)[-1]

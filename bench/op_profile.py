@@ -78,13 +78,13 @@ GEMMS = ("in-projection GEMM", "update (out-projection GEMM + epilogue)", "updat
 def fused_cell_ms(cfg: Config, repeats: int) -> tuple[float, float]:
     """CPU ms of one step through the fused cell (``cube::rollout``, T=1) and of its backward."""
     import cube_kernels  # noqa: F401  (registers torch.ops.cube)
-    from cube_kernels.spec import PARAM_NAMES
+    from cube_kernels.spec import ALIVE_THRESHOLD, PARAM_NAMES
     p, x, grad = make_inputs(cfg)
     params = [p[n].detach() for n in PARAM_NAMES]
-    args = (cfg.seed, cfg.neighbourhood, cfg.boundary, cfg.fire_rate)
-    outs = torch.ops.cube.rollout(x, None, *params, 1, *args, True)
+    args = (cfg.seed, cfg.neighbourhood, cfg.boundary, cfg.fire_rate, cfg.alive_channel, ALIVE_THRESHOLD)
+    outs, keep = torch.ops.cube.rollout(x, None, *params, 1, *args, True)
     return (cpu_ms(lambda: torch.ops.cube.rollout(x, None, *params, 1, *args, True), repeats),
-            cpu_ms(lambda: torch.ops.cube.rollout_backward(grad[None], x, outs, None, *params, *args),
+            cpu_ms(lambda: torch.ops.cube.rollout_backward(grad[None], x, outs, keep, None, *params, *args),
                    repeats))
 
 

@@ -103,7 +103,7 @@ def test_the_growth_workload_is_alive_masked_or_skipped(impl):
     reference), and those without it say so instead of timing another computation."""
     cfg = Config(**{**TINY, "depth": 5}, channels=8, hidden=8, neighbourhood="moore", fire_rate=0.5, alive_channel=3)
     row = worker.run_rollout({"impl": impl, "config": cfg.to_dict(), "warmup": 0, "repeats": 1, "check": True})
-    if impl in ("pyg", "cpu_rollout"):
+    if impl == "pyg":
         assert row["status"] == "skipped" and "alive masking" in row["reason"]
     else:
         assert row["status"] == "ok" and row["check"]["ok"], row

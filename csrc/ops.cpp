@@ -55,12 +55,14 @@ TORCH_LIBRARY(cube, m) {
   m.def("rollout(Tensor x, Tensor? inject, Tensor ln1_weight, Tensor ln1_bias, Tensor w_in, "
         "Tensor b_in, Tensor ln2_weight, Tensor ln2_bias, Tensor w_sp, Tensor b_sp, "
         "Tensor w_out, Tensor b_out, int steps, int seed, str neighbourhood, str boundary, "
-        "float fire_rate, bool all_states) -> Tensor",
+        "float fire_rate, int? alive_channel, float alive_threshold, bool all_states) "
+        "-> (Tensor, Tensor)",
         tags);
-  m.def("rollout_backward(Tensor grad, Tensor x, Tensor outs, Tensor? inject, "
+  m.def("rollout_backward(Tensor grad, Tensor x, Tensor outs, Tensor? keep, Tensor? inject, "
         "Tensor ln1_weight, Tensor ln1_bias, Tensor w_in, Tensor b_in, Tensor ln2_weight, "
         "Tensor ln2_bias, Tensor w_sp, Tensor b_sp, Tensor w_out, Tensor b_out, int seed, "
-        "str neighbourhood, str boundary, float fire_rate) -> Tensor[]",
+        "str neighbourhood, str boundary, float fire_rate, int? alive_channel, "
+        "float alive_threshold) -> Tensor[]",
         tags);
   m.def("build_info() -> str", &build_info);
 }

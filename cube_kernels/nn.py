@@ -52,7 +52,7 @@ class CubeLattice(nn.Module):
     ``backend``: ``auto`` (fused CPU or CUDA kernels, Triton on a GPU without them, else the
     reference; the ``CUBE_BACKEND`` environment variable overrides that choice), ``reference``,
     ``cpu``, ``cuda`` or ``triton``. The fused backends keep only each step's state for backward
-    (on ``cpu`` without alive masking the rollout is one ``cube::rollout`` call);
+    (on ``cpu`` the rollout is one ``cube::rollout`` call);
     ``checkpoint=True`` gives the reference the same memory profile with torch.utils.checkpoint.
     """
 
@@ -110,11 +110,15 @@ class CubeLattice(nn.Module):
             raise TypeError(f"x has dtype {x.dtype} but the lattice's parameters have {w.dtype}: convert "
                             f"one (lattice.to({x.dtype}) or x.to({w.dtype})), or run under torch.autocast")
 
+    def _step_config(self) -> dict:
+        """The step's arguments other than the state, the parameters, the seed and the step."""
+        return dict(neighbourhood=self.cell.neighbourhood, boundary=self.boundary,
+                    fire_rate=self.fire_rate, alive_channel=self.alive_channel,
+                    alive_threshold=self.alive_threshold)
+
     def step(self, x: torch.Tensor, *, seed: int, step: int) -> torch.Tensor:
         """One step of SPEC.md, its fire mask drawn from ``(seed, step)``."""
-        kw = dict(seed=seed, step=step, neighbourhood=self.cell.neighbourhood, boundary=self.boundary,
-                  fire_rate=self.fire_rate, alive_channel=self.alive_channel,
-                  alive_threshold=self.alive_threshold)
+        kw = dict(seed=seed, step=step, **self._step_config())
         name = backends.resolve(self.backend, x.device)
         check_step(x, self.cell.params(), **kw)  # every backend rejects bad input alike
         if name != "reference":
@@ -144,7 +148,7 @@ class CubeLattice(nn.Module):
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()))
         check_seed(seed)
-        if steps > 0 and self.alive_channel is None and backends.resolve(self.backend, x.device) == "cpu":
+        if steps > 0 and backends.resolve(self.backend, x.device) == "cpu":
             return self._rollout_op(x, steps, seed, inject, return_states)
         states = []
         for t in range(steps):
@@ -158,14 +162,13 @@ class CubeLattice(nn.Module):
         """The rollout as one op call (``cube::rollout``: no Python or autograd node per step),
         computing in the autocast dtype under autocast."""
         params = self.cell.params()
-        check_step(x, params, seed=seed, step=steps - 1, neighbourhood=self.cell.neighbourhood,
-                   boundary=self.boundary, fire_rate=self.fire_rate)
+        kw = self._step_config()
+        check_step(x, params, seed=seed, step=steps - 1, **kw)
         device_type = x.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
         with torch.autocast(device_type, enabled=False):
             outs = rollout_op(x.to(dtype), inject, params, steps, seed=seed,
-                              neighbourhood=self.cell.neighbourhood, boundary=self.boundary,
-                              fire_rate=self.fire_rate, all_states=return_states).to(x.dtype)
+                              all_states=return_states, **kw).to(x.dtype)
         return list(outs.unbind(0)) if return_states else outs[-1]
 
     @staticmethod

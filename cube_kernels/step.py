@@ -10,13 +10,12 @@ differentiable: a second backward through it raises.
 from __future__ import annotations
 
 import contextlib
-import numbers
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from . import backends, reference
-from .ops.checks import check_mask_args, check_rows, check_shape, check_stencil, check_tensor
+from .ops.checks import check_alive, check_mask_args, check_rows, check_shape, check_stencil, check_tensor
 from .ops.gate_input import gate_input, gate_input_backward
 from .spec import ALIVE_THRESHOLD, LN_EPS, PARAM_NAMES, param_shapes
 
@@ -42,13 +41,7 @@ def check_step(x, params: dict, *, seed, step, neighbourhood, boundary, fire_rat
         check_tensor(name, params[name], len(shape), x, "x", same_dtype)
         check_shape(name, params[name], shape, f"C={C} from x, F={F} from w_in, K={K} tokens")
     check_mask_args(seed, step, fire_rate, check_rows("x", x))
-    if alive_channel is not None:
-        if isinstance(alive_channel, bool) or not isinstance(alive_channel, numbers.Integral):
-            raise TypeError(f"alive_channel must be None or an int, got {alive_channel!r}")
-        if not 0 <= alive_channel < C:
-            raise ValueError(f"alive_channel must be in [0, {C}), got {alive_channel}")
-    if isinstance(alive_threshold, bool) or not isinstance(alive_threshold, numbers.Real):
-        raise TypeError(f"alive_threshold must be a number, got {alive_threshold!r}")
+    check_alive(alive_channel, alive_threshold, C)
 
 
 @contextlib.contextmanager

@@ -1,7 +1,7 @@
 """cube::rollout (T steps with the front-face injection in one op) against the reference: forward,
 every gradient (x, inject, the ten parameters), gradcheck in float64, odd lattices, both
-neighbourhoods and boundaries, fp32 and bf16 (bf16 parameters and autocast), what it keeps for
-backward, and its input errors."""
+neighbourhoods and boundaries, fp32 and bf16 (bf16 parameters and autocast), alive masking, what
+it keeps for backward, and its input errors."""
 import pytest
 import torch
 
@@ -26,8 +26,16 @@ def reference_rollout(x, inject, params, steps, *, seed, **kw):
     return torch.stack(outs)
 
 
-def inputs(lattice, C, F, neighbourhood, E):
+def inputs(lattice, C, F, neighbourhood, E, alive_channel=None):
+    """With ``alive_channel``, the alive channel is nonzero only in the first half of the
+    lattice's longest axis (like bench/config.py's front half of the depth): some cells die, some
+    survive."""
     x = harness.randn(*lattice.shape, C, seed=1)
+    if alive_channel is not None:
+        sizes = lattice.shape[1:]
+        axis = max(range(3), key=lambda i: sizes[i])
+        part = torch.arange(sizes[axis]) < (sizes[axis] + 1) // 2
+        x[..., alive_channel] *= 0.3 * part.view([-1 if i == axis else 1 for i in range(3)])
     inject = harness.randn(lattice.B, lattice.H, lattice.W, E, seed=2) if E else None
     params = harness.random_params(C, F, neighbourhood, torch.float64)
     return x, inject, params
@@ -40,10 +48,12 @@ def run_and_grads(x, inject, params, steps, kw, fn):
     return outs, torch.autograd.grad(outs, leaves, grad)
 
 
-def check_against_reference(dtype, lattice, neighbourhood, boundary, E, fire_rate):
-    """Every output state and every gradient of three steps."""
-    kw = dict(neighbourhood=neighbourhood, boundary=boundary, fire_rate=fire_rate)
-    x, inject, params = inputs(lattice, C, F, neighbourhood, E)
+def check_against_reference(dtype, lattice, neighbourhood, boundary, E, fire_rate,
+                            alive_channel=None):
+    """Every output state and every gradient of three steps; the states, with alive masking."""
+    kw = dict(neighbourhood=neighbourhood, boundary=boundary, fire_rate=fire_rate,
+              alive_channel=alive_channel)
+    x, inject, params = inputs(lattice, C, F, neighbourhood, E, alive_channel)
     low_x, low_inject = (None if t is None else t.to(dtype).requires_grad_() for t in (x, inject))
     low_params = {n: p.to(dtype).requires_grad_() for n, p in params.items()}
     exact_x, exact_inject = (None if t is None else t.detach().double().requires_grad_()
@@ -59,6 +69,7 @@ def check_against_reference(dtype, lattice, neighbourhood, boundary, E, fire_rat
     names = ["x"] + (["inject"] if E else []) + list(PARAM_NAMES)
     for name, g, g_ref in zip(names, grads, grads_ref):
         harness.assert_close(g, g_ref, dtype, f"d{name}", rel=tol)
+    return outs
 
 
 @pytest.mark.parametrize("neighbourhood,boundary", harness.STENCILS)
@@ -80,6 +91,21 @@ DEEP = (harness.Lattice(1, 13, 3, 13), harness.Lattice(3, 9, 2, 5))
 @pytest.mark.parametrize("fire_rate", [1.0, 0.5])
 def test_deep_lattices_match_reference(lattice, neighbourhood, boundary, fire_rate):
     check_against_reference(torch.float32, lattice, neighbourhood, boundary, 1, fire_rate)
+
+
+# The alive channel is 1: the injection (E=2) overwrites it on the front face.
+ALIVE_LATTICES = (harness.Lattice(2, 13, 1, 3), harness.Lattice(1, 2, 13, 4))
+
+
+@pytest.mark.parametrize("neighbourhood,boundary", harness.STENCILS)
+@pytest.mark.parametrize("lattice", ALIVE_LATTICES, ids=str)
+@pytest.mark.parametrize("fire_rate", [1.0, 0.5])
+@pytest.mark.parametrize("E", [0, 2])
+def test_alive_masking_matches_reference(lattice, neighbourhood, boundary, fire_rate, E):
+    outs = check_against_reference(torch.float32, lattice, neighbourhood, boundary, E, fire_rate,
+                                   alive_channel=1)
+    dead = (outs == 0).all(-1)
+    assert dead.any() and not dead.all(), "the test needs both dead and living cells"
 
 
 def test_results_do_not_depend_on_the_thread_count():
@@ -115,6 +141,25 @@ def test_gradcheck_float64(neighbourhood, boundary, lattice):
                        boundary=boundary, fire_rate=0.7, all_states=True)
 
     leaves = [t.requires_grad_() for t in (x, inject, *params.values())]
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("neighbourhood,boundary", [("von_neumann", "periodic"), ("moore", "zero")])
+def test_gradcheck_float64_with_alive_masking(neighbourhood, boundary):
+    """Alphas of 0 or at least 0.3 (the threshold is 0.1): gradcheck's perturbation of 1e-6 moves
+    no cell across it, so the masks are constant where the gradient is checked."""
+    lattice = harness.Lattice(1, 4, 2, 3)
+    x, inject, params = inputs(lattice, 3, 2, neighbourhood, 1)
+    x[..., 2] = torch.tensor([0.0, 0.5]).repeat_interleave(12).view(lattice.shape)
+    names = list(params)
+
+    def fn(x, inject, *ps):
+        return rollout(x, inject, dict(zip(names, ps)), 2, seed=4, neighbourhood=neighbourhood,
+                       boundary=boundary, fire_rate=0.7, all_states=True, alive_channel=2)
+
+    leaves = [t.requires_grad_() for t in (x, inject, *params.values())]
+    dead = (fn(*leaves) == 0).all(-1)
+    assert dead.any() and not dead.all()
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6)
 
 
@@ -195,6 +240,49 @@ def test_bad_input_is_named():
         rollout(x, inject, params, 2, **dict(kw, neighbourhood="hex"))
     # the C++ checks, behind the Python ones
     with pytest.raises(ValueError, match="inject must be"):
-        torch.ops.cube.rollout(x, inject[:, :2], *params.values(), 2, 1, "von_neumann", "zero", 1.0, True)
+        torch.ops.cube.rollout(x, inject[:, :2], *params.values(), 2, 1, "von_neumann", "zero", 1.0,
+                               None, 0.1, True)
     with pytest.raises(TypeError, match="x must be float32"):
-        torch.ops.cube.rollout(x.long(), inject, *params.values(), 2, 1, "von_neumann", "zero", 1.0, True)
+        torch.ops.cube.rollout(x.long(), inject, *params.values(), 2, 1, "von_neumann", "zero", 1.0,
+                               None, 0.1, True)
+
+
+def test_bad_alive_channel_is_named():
+    x, inject, params = inputs(harness.Lattice(1, 2, 3, 4), 5, 6, "von_neumann", 1)
+    kw = dict(seed=1, neighbourhood="von_neumann", boundary="zero", fire_rate=1.0, all_states=True)
+    with pytest.raises(ValueError, match=r"alive_channel must be in \[0, 5\)"):
+        rollout(x, inject, params, 2, alive_channel=5, **kw)
+    with pytest.raises(ValueError, match=r"alive_channel must be in \[0, 5\)"):
+        rollout(x, inject, params, 2, alive_channel=-1, **kw)
+    with pytest.raises(TypeError, match="alive_channel must be None or an int"):
+        rollout(x, inject, params, 2, alive_channel=1.0, **kw)
+    with pytest.raises(TypeError, match="alive_threshold must be a number"):
+        rollout(x, inject, params, 2, alive_channel=1, alive_threshold="0.1", **kw)
+    # the C++ checks, behind the Python ones
+    ps, cfg = list(params.values()), (1, "von_neumann", "zero", 1.0)
+    with pytest.raises(ValueError, match=r"alive_channel must be None or in \[0, 5\), got 5"):
+        torch.ops.cube.rollout(x, inject, *ps, 2, *cfg, 5, 0.1, True)
+    outs, keep = torch.ops.cube.rollout(x, inject, *ps, 2, *cfg, 1, 0.1, True)
+    with pytest.raises(ValueError, match="keep .* is required with alive_channel"):
+        torch.ops.cube.rollout_backward(outs, x, outs, None, inject, *ps, *cfg, 1, 0.1)
+    with pytest.raises(ValueError, match=r"keep must be \[T, B, D, H, W\]"):
+        torch.ops.cube.rollout_backward(outs, x, outs, keep[:1], inject, *ps, *cfg, 1, 0.1)
+
+
+def test_saves_one_mask_per_cell_and_step_with_alive_masking():
+    """The one thing kept beyond the states: a bool per cell and step; nothing without grad."""
+    lattice = harness.Lattice(2, 2, 3, 4)
+    x, inject, params = inputs(lattice, 5, 6, "moore", 1, alive_channel=3)
+    params = {n: p.float().requires_grad_() for n, p in params.items()}
+    x, inject = x.float(), inject.float()
+    kw = dict(seed=1, neighbourhood="moore", boundary="zero", fire_rate=0.5, alive_channel=3)
+    for grad in (True, False):
+        saved = []
+        with torch.set_grad_enabled(grad), torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append(t) or t, lambda t: t):
+            rollout(x, inject, params, 3, all_states=False, **kw)
+        masks = [t for t in saved if t.dtype == torch.bool]
+        if grad:
+            assert len(masks) == 1 and masks[0].shape == (3, *lattice.shape)
+        else:
+            assert not saved

@@ -8,17 +8,25 @@
 //             gradients
 // inject(s) overwrites the first E channels of the front face (d = 0) with `inject` ([B, H, W, E]);
 // the forward reads them from `inject` instead of copying the state.
+// Alive masking (SPEC.md, with alive_channel): each step output is multiplied by
+// keep_t = alive(x_t) & alive(x_new), x_t the injected input. The forward returns the masks
+// (bool [T, B, D, H, W], an empty tensor without masking) and the backward multiplies the step's
+// output gradient by its mask first. The masks are kept rather than recomputed: alive(x_new)
+// needs the unmasked step output, which no saved state holds, and a bool per cell and step is
+// 1/(4C) of a state.
 // Each step is one call of the fused cell (cpu/cell.cpp): every sum in the accumulation type
 // (fp32 for bf16/fp16), the parameters cast to it once per call (fp32 master weights under
 // autocast stay fp32), each state rounded once to x's dtype. Backward computes in the
 // accumulation type: the gradient between steps and the weight gradients summed over the steps
 // are rounded once, at the end, to their tensors' dtypes.
 #include <cstdint>
+#include <tuple>
 #include <vector>
 
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/max_pool3d.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
@@ -40,7 +48,7 @@ using Params = std::vector<at::Tensor>;
 CellConfig check_rollout(const char* op, const at::Tensor& x,
                          const c10::optional<at::Tensor>& inject, const Params& p, int64_t seed,
                          c10::string_view neighbourhood, c10::string_view boundary,
-                         double fire_rate) {
+                         double fire_rate, c10::optional<int64_t> alive_channel) {
   check_tensor(op, x, "x", 5, x, "x");
   check_rows(op, x, "x");
   const CellConfig cfg{seed, parse_neighbourhood(op, neighbourhood),
@@ -48,6 +56,8 @@ CellConfig check_rollout(const char* op, const at::Tensor& x,
   const int K = num_tokens(cfg.neighbourhood);
   check_mask_args(op, seed, 0, fire_rate);
   const int64_t C = x.size(4);
+  TORCH_CHECK_VALUE(!alive_channel || (*alive_channel >= 0 && *alive_channel < C), op,
+                    ": alive_channel must be None or in [0, ", C, "), got ", *alive_channel);
   check_tensor(op, p[kWIn], "w_in", 2, p[kWIn], "w_in");
   const int64_t F2 = p[kWIn].size(1);
   TORCH_CHECK_VALUE(F2 % 2 == 0 && F2 > 0, op, ": w_in must be [C, 2F], got ", p[kWIn].sizes());
@@ -83,24 +93,40 @@ at::Tensor injected(const at::Tensor& x, const c10::optional<at::Tensor>& inject
   return out;
 }
 
+// SPEC's alive(s): the 3x3x3 max of channel `a` above the threshold, bool [B, D, H, W]; with
+// `inject` defined, channel `a` of the front face is the injected one when a < E. max_pool3d pads
+// as the reference's does, and the comparison rounds the threshold to s's dtype as it does.
+at::Tensor alive(const at::Tensor& s, int64_t a, double threshold, const at::Tensor& inject) {
+  at::Tensor channel = s.select(-1, a);
+  if (inject.defined() && a < inject.size(-1)) {
+    channel = channel.clone();
+    channel.select(1, 0).copy_(inject.select(-1, a));
+  }
+  return at::max_pool3d(channel.unsqueeze(1), {3, 3, 3}, {1, 1, 1}, {1, 1, 1})
+      .squeeze(1)
+      .gt(threshold);
+}
+
 Params cast(const Params& p, at::ScalarType dtype) {
   Params out;
   for (const at::Tensor& t : p) out.push_back(t.to(dtype).contiguous());
   return out;
 }
 
-at::Tensor rollout_cpu(const at::Tensor& x_in, const c10::optional<at::Tensor>& inject_in,
-                       const at::Tensor& ln1_weight, const at::Tensor& ln1_bias,
-                       const at::Tensor& w_in, const at::Tensor& b_in,
-                       const at::Tensor& ln2_weight, const at::Tensor& ln2_bias,
-                       const at::Tensor& w_sp, const at::Tensor& b_sp, const at::Tensor& w_out,
-                       const at::Tensor& b_out, int64_t steps, int64_t seed,
-                       c10::string_view neighbourhood, c10::string_view boundary,
-                       double fire_rate, bool all_states) {
+// (outs, keeps): the step outputs and, with alive masking, their masks.
+std::tuple<at::Tensor, at::Tensor> rollout_cpu(
+    const at::Tensor& x_in, const c10::optional<at::Tensor>& inject_in,
+    const at::Tensor& ln1_weight, const at::Tensor& ln1_bias, const at::Tensor& w_in,
+    const at::Tensor& b_in, const at::Tensor& ln2_weight, const at::Tensor& ln2_bias,
+    const at::Tensor& w_sp, const at::Tensor& b_sp, const at::Tensor& w_out,
+    const at::Tensor& b_out, int64_t steps, int64_t seed, c10::string_view neighbourhood,
+    c10::string_view boundary, double fire_rate, c10::optional<int64_t> alive_channel,
+    double alive_threshold, bool all_states) {
   const Params p_in = {ln1_weight, ln1_bias, w_in, b_in, ln2_weight,
                        ln2_bias,   w_sp,     b_sp, w_out, b_out};
   const CellConfig cfg =
-      check_rollout(kOp, x_in, inject_in, p_in, seed, neighbourhood, boundary, fire_rate);
+      check_rollout(kOp, x_in, inject_in, p_in, seed, neighbourhood, boundary, fire_rate,
+                    alive_channel);
   TORCH_CHECK_VALUE(steps >= 1, kOp, ": steps must be >= 1, got ", steps);
   const AtenBelowTheOp below;
   const at::ScalarType dtype = x_in.scalar_type();
@@ -111,6 +137,11 @@ at::Tensor rollout_cpu(const at::Tensor& x_in, const c10::optional<at::Tensor>& 
   auto shape = x_in.sizes().vec();
   shape.insert(shape.begin(), all_states ? steps : 1);
   at::Tensor outs = at::empty(shape, x_in.options());
+  shape.pop_back();  // the masks: one per cell and kept step
+  at::Tensor keeps = at::empty(alive_channel ? shape : std::vector<int64_t>{0},
+                               x_in.options().dtype(at::kBool));
+  // max_pool3d rejects an empty lattice, which has nothing to mask.
+  const bool masking = alive_channel && x_in.numel() > 0;
   // Without all_states the steps before the last alternate between two states of their own.
   at::Tensor between[2];
   if (!all_states && steps > 1)
@@ -120,28 +151,49 @@ at::Tensor rollout_cpu(const at::Tensor& x_in, const c10::optional<at::Tensor>& 
     const at::Tensor x_new =
         all_states ? outs.select(0, t) : (t == steps - 1 ? outs.select(0, 0) : between[t % 2]);
     cell_forward(x, inject, p, cfg, t, x_new);
+    if (masking) {
+      const at::Tensor keep = alive(x, *alive_channel, alive_threshold, inject)
+                                  .logical_and_(alive(x_new, *alive_channel, alive_threshold, {}));
+      x_new.mul_(keep.unsqueeze(-1));
+      if (all_states || t == steps - 1) keeps.select(0, all_states ? t : 0).copy_(keep);
+    }
     x = x_new;
   }
-  return outs;
+  return {outs, keeps};
 }
 
 // (dx, dinject, the ten weight gradients); dinject is an empty tensor without injection.
 std::vector<at::Tensor> rollout_backward_cpu(
     const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& outs,
-    const c10::optional<at::Tensor>& inject_in, const at::Tensor& ln1_weight,
-    const at::Tensor& ln1_bias, const at::Tensor& w_in, const at::Tensor& b_in,
-    const at::Tensor& ln2_weight, const at::Tensor& ln2_bias, const at::Tensor& w_sp,
-    const at::Tensor& b_sp, const at::Tensor& w_out, const at::Tensor& b_out, int64_t seed,
-    c10::string_view neighbourhood, c10::string_view boundary, double fire_rate) {
+    const c10::optional<at::Tensor>& keeps, const c10::optional<at::Tensor>& inject_in,
+    const at::Tensor& ln1_weight, const at::Tensor& ln1_bias, const at::Tensor& w_in,
+    const at::Tensor& b_in, const at::Tensor& ln2_weight, const at::Tensor& ln2_bias,
+    const at::Tensor& w_sp, const at::Tensor& b_sp, const at::Tensor& w_out,
+    const at::Tensor& b_out, int64_t seed,
+    c10::string_view neighbourhood, c10::string_view boundary, double fire_rate,
+    c10::optional<int64_t> alive_channel, double /*alive_threshold: the masks are given*/) {
   const Params p_in = {ln1_weight, ln1_bias, w_in, b_in, ln2_weight,
                        ln2_bias,   w_sp,     b_sp, w_out, b_out};
   const char* op = "cube::rollout_backward";
   const CellConfig cfg =
-      check_rollout(op, x_in, inject_in, p_in, seed, neighbourhood, boundary, fire_rate);
+      check_rollout(op, x_in, inject_in, p_in, seed, neighbourhood, boundary, fire_rate,
+                    alive_channel);
   TORCH_CHECK_VALUE(outs.dim() == 6 && outs.size(0) >= 1 && outs.sizes().slice(1) == x_in.sizes(),
                     op, ": outs must be [T, *x.shape], got ", outs.sizes());
   TORCH_CHECK_VALUE(grad_in.sizes() == outs.sizes(), op, ": grad must have the shape of outs ",
                     outs.sizes(), ", got ", grad_in.sizes());
+  const bool masking = alive_channel.has_value();
+  if (masking) {
+    TORCH_CHECK_VALUE(keeps.has_value() && keeps->defined(), op,
+                      ": keep (the forward's alive masks) is required with alive_channel");
+    TORCH_CHECK_TYPE(keeps->scalar_type() == at::kBool, op, ": keep must be bool, got ",
+                     keeps->scalar_type());
+    TORCH_CHECK_VALUE(keeps->sizes() == outs.sizes().slice(0, 5), op,
+                      ": keep must be [T, B, D, H, W] = ", outs.sizes().slice(0, 5), ", got ",
+                      keeps->sizes());
+    TORCH_CHECK_VALUE(keeps->device() == x_in.device(), op, ": keep is on ", keeps->device(),
+                      " but x is on ", x_in.device());
+  }
   const AtenBelowTheOp below;
   const at::ScalarType acc = at::toOpMathType(x_in.scalar_type());
   const Params p = cast(p_in, acc);
@@ -156,6 +208,7 @@ std::vector<at::Tensor> rollout_backward_cpu(
   for (int64_t t = steps - 1; t >= 0; --t) {
     const at::Tensor prev = t == 0 ? x_in : outs.select(0, t - 1);
     const at::Tensor x = injected(prev.to(acc).contiguous(), inject);
+    if (masking) g.mul_(keeps->select(0, t).unsqueeze(-1));
     g = cell_backward(g, x, p, cfg, t, dp);
     if (inject) {  // the injected channels came from `inject`, not from the previous state
       at::Tensor g_front = g.select(1, 0).narrow(-1, 0, E);

@@ -80,6 +80,17 @@ def check_mask_args(seed, step, fire_rate, rows: int) -> None:
     check_fire_rate(fire_rate)
 
 
+def check_alive(alive_channel, alive_threshold, channels: int) -> None:
+    """Alive masking's arguments: ``alive_channel`` None or a channel of the state."""
+    if alive_channel is not None:
+        if not _is_int(alive_channel):
+            raise TypeError(f"alive_channel must be None or an int, got {alive_channel!r}")
+        if not 0 <= alive_channel < channels:
+            raise ValueError(f"alive_channel must be in [0, {channels}), got {alive_channel}")
+    if isinstance(alive_threshold, bool) or not isinstance(alive_threshold, numbers.Real):
+        raise TypeError(f"alive_threshold must be a number, got {alive_threshold!r}")
+
+
 def check_stencil(neighbourhood, boundary) -> int:
     """The neighbourhood and boundary names; returns the token count K."""
     for name, value in (("neighbourhood", neighbourhood), ("boundary", boundary)):

@@ -1,13 +1,16 @@
 """rollout: T lattice steps with the front-face injection in one op call, and its contract.
 
-``outs = rollout(x, inject, *params, steps, seed, neighbourhood, boundary, fire_rate,
-all_states)``: ``x_0 = inject(x)``, ``x_{t+1} = inject(step(x_t, t))`` (SPEC.md's step, its
-fire mask from ``(seed, t)``; ``inject`` ``[B, H, W, E]`` overwrites the first E channels of the
-front face, or is None), ``outs`` the T step outputs stacked ``[T, B, D, H, W, C]`` (only the last,
-``[1, ...]``, without ``all_states``). One autograd node for the whole rollout: it keeps ``x``
-and the step outputs (one state of C values per cell and step, SPEC's memory rule) and nothing
-under ``torch.no_grad()``; the backward op recomputes each step from them. No alive masking
-(``CubeLattice`` runs that per step).
+``outs, keep = rollout(x, inject, *params, steps, seed, neighbourhood, boundary, fire_rate,
+alive_channel, alive_threshold, all_states)``: ``x_0 = inject(x)``,
+``x_{t+1} = inject(step(x_t, t))`` (SPEC.md's step, its fire mask from ``(seed, t)``, alive masking
+on ``alive_channel`` unless it is None; ``inject`` ``[B, H, W, E]`` overwrites the first E channels
+of the front face, or is None), ``outs`` the T step outputs stacked ``[T, B, D, H, W, C]`` (only
+the last, ``[1, ...]``, without ``all_states``), ``keep`` their alive masks ``[T, B, D, H, W]``
+(bool; empty without alive masking). One autograd node for the whole rollout: it keeps ``x``, the
+step outputs (one state of C values per cell and step, SPEC's memory rule) and, with alive
+masking, the masks (one bool per cell and step: the backward cannot recompute them, as
+``alive(x_new)`` reads the unmasked step output), and nothing under ``torch.no_grad()``; the
+backward op recomputes each step from them.
 
 The parameters (SPEC order, one dtype) may differ from ``x``'s dtype: under autocast ``x`` is in
 the low precision and the parameters are the fp32 masters, cast inside the op; the backward
@@ -21,13 +24,14 @@ import numbers
 import torch
 
 from .. import _extension
-from ..spec import PARAM_NAMES, param_shapes
-from .checks import check_mask_args, check_rows, check_shape, check_stencil, check_tensor
+from ..spec import ALIVE_THRESHOLD, PARAM_NAMES, param_shapes
+from .checks import check_alive, check_mask_args, check_rows, check_shape, check_stencil, check_tensor
 from .registry import FusedOp
 
 
 def check(x, inject, *args) -> None:
-    *params, steps, seed, neighbourhood, boundary, fire_rate, all_states = args
+    *params, steps, seed, neighbourhood, boundary, fire_rate, alive_channel, alive_threshold, \
+        all_states = args
     check_tensor("x", x, 5)
     K = check_stencil(neighbourhood, boundary)
     if len(params) != len(PARAM_NAMES):
@@ -50,23 +54,31 @@ def check(x, inject, *args) -> None:
     if steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     check_mask_args(seed, steps - 1, fire_rate, check_rows("x", x))
+    check_alive(alive_channel, alive_threshold, C)
     if not isinstance(all_states, bool):
         raise TypeError(f"all_states must be a bool, got {all_states!r}")
 
 
-def _check_backward(grad, x, outs, inject, *args) -> None:
-    check(x, inject, *args[:-4], outs.shape[0], *args[-4:], True)
+def _check_backward(grad, x, outs, keep, inject, *args) -> None:
+    check(x, inject, *args[:-6], outs.shape[0], *args[-6:], True)
     if tuple(outs.shape) != (outs.shape[0], *x.shape) or tuple(grad.shape) != tuple(outs.shape):
         raise ValueError(f"outs and grad must be [T, *x.shape], got {tuple(outs.shape)} and "
                          f"{tuple(grad.shape)} for x {tuple(x.shape)}")
+    if args[-2] is not None and (keep is None or keep.dtype != torch.bool
+                                 or tuple(keep.shape) != tuple(outs.shape[:-1])):
+        raise ValueError(f"keep (the forward's alive masks) must be a bool [T, B, D, H, W] = "
+                         f"{list(outs.shape[:-1])} tensor with alive_channel, got "
+                         f"{None if keep is None else (keep.dtype, tuple(keep.shape))}")
 
 
 def _fake(x, inject, *args):
-    steps, all_states = args[-6], args[-1]
-    return x.new_empty((steps if all_states else 1, *x.shape))
+    steps, alive_channel, all_states = args[-8], args[-3], args[-1]
+    outs = x.new_empty((steps if all_states else 1, *x.shape))
+    keep_shape = outs.shape[:-1] if alive_channel is not None else (0,)
+    return outs, x.new_empty(keep_shape, dtype=torch.bool)
 
 
-def _fake_backward(grad, x, outs, inject, *args):
+def _fake_backward(grad, x, outs, keep, inject, *args):
     params = args[:len(PARAM_NAMES)]
     dinject = torch.empty_like(inject) if inject is not None else x.new_empty(0)
     return [torch.empty_like(x), dinject] + [torch.empty_like(p) for p in params]
@@ -74,18 +86,20 @@ def _fake_backward(grad, x, outs, inject, *args):
 
 def _setup_context(ctx, inputs, output):
     x, inject, *params = inputs[:2 + len(PARAM_NAMES)]
-    steps, seed, neighbourhood, boundary, fire_rate, all_states = inputs[2 + len(PARAM_NAMES):]
+    steps, *cfg, all_states = inputs[2 + len(PARAM_NAMES):]
     if not all_states and steps > 1:
         raise RuntimeError("cube::rollout needs all_states=True to be differentiable (its backward "
                            "starts from every step's state)")
-    ctx.save_for_backward(x, output, inject, *params)
-    ctx.cfg = (seed, neighbourhood, boundary, fire_rate)
+    outs, keep = output
+    alive_channel = cfg[-2]
+    ctx.save_for_backward(x, outs, keep if alive_channel is not None else None, inject, *params)
+    ctx.cfg = tuple(cfg)  # seed, neighbourhood, boundary, fire_rate, alive_channel, alive_threshold
 
 
-def _backward(ctx, backward_op, grad):
-    x, outs, inject, *params = ctx.saved_tensors
-    dx, dinject, *dparams = backward_op(grad.contiguous(), x, outs, inject, *params, *ctx.cfg)
-    return (dx, dinject if inject is not None else None, *dparams) + (None,) * 6
+def _backward(ctx, backward_op, grad, _grad_keep):
+    x, outs, keep, inject, *params = ctx.saved_tensors
+    dx, dinject, *dparams = backward_op(grad.contiguous(), x, outs, keep, inject, *params, *ctx.cfg)
+    return (dx, dinject if inject is not None else None, *dparams) + (None,) * 8
 
 
 ROLLOUT = FusedOp("rollout", check, _check_backward, _fake, _fake_backward, _setup_context, _backward)
@@ -96,14 +110,16 @@ if _extension.load():
 
 def rollout(x: torch.Tensor, inject: torch.Tensor | None, params: dict[str, torch.Tensor],
             steps: int, *, seed: int, neighbourhood: str, boundary: str, fire_rate: float,
-            all_states: bool) -> torch.Tensor:
+            all_states: bool, alive_channel: int | None = None,
+            alive_threshold: float = ALIVE_THRESHOLD) -> torch.Tensor:
     """The step outputs ``[T, B, D, H, W, C]`` (``[1, ...]``: the last only, without
     ``all_states``; a rollout that needs gradients keeps them all either way, for backward)."""
     _extension.require("rollout")
     tensors = [params[n] for n in PARAM_NAMES]
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in [x, inject, *tensors])
-    args = (*tensors, steps, seed, neighbourhood, boundary, fire_rate, all_states or needs_grad)
+    args = (*tensors, steps, seed, neighbourhood, boundary, fire_rate, alive_channel,
+            alive_threshold, all_states or needs_grad)
     check(x, inject, *args)
-    outs = torch.ops.cube.rollout(x.contiguous(), inject, *args)
+    outs, _ = torch.ops.cube.rollout(x.contiguous(), inject, *args)
     return outs if all_states or outs.shape[0] == 1 else outs[-1:]
