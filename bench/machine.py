@@ -5,6 +5,7 @@ import datetime
 import importlib.metadata
 import os
 import platform
+import resource
 import subprocess
 import time
 
@@ -68,11 +69,39 @@ def wait_for_quiet(max_wait_s: float, cores: int | None, poll_s: float = 10.0) -
             "limit": limit, "quiet": load is not None and load <= limit}
 
 
-def under_load(start: dict, load_end: float | None, cores: int | None) -> bool:
-    """Whether a run's timings are not the code's: the machine was busy when it started, or the
-    load at its end exceeds what the benchmark itself adds (one runnable thread per core)."""
-    limit = quiet_load(cores)
-    return not start["quiet"] or (load_end is not None and load_end > (cores or 1) + limit)
+def cpu_seconds() -> dict | None:
+    """CPU seconds spent so far by the whole machine (/proc/stat, all cores, idle and iowait left
+    out) and by this process with its reaped children (the benchmark and its workers)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal ...: busy = all but idle (3) and iowait (4)
+    busy = sum(fields[:8]) - fields[3] - fields[4]
+    own = sum(getattr(resource.getrusage(who), t) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for t in ("ru_utime", "ru_stime"))
+    return {"machine": busy / os.sysconf("SC_CLK_TCK"), "own": own, "wall": time.monotonic()}
+
+
+def other_cores(start: dict | None, end: dict | None) -> float | None:
+    """Cores that processes other than the benchmark kept busy between two ``cpu_seconds``, on
+    average: what the load average cannot tell apart from the benchmark's own threads."""
+    if start is None or end is None or end["wall"] <= start["wall"]:
+        return None
+    others = (end["machine"] - start["machine"]) - (end["own"] - start["own"])
+    return max(others, 0.0) / (end["wall"] - start["wall"])
+
+
+def quiet_other_cores() -> float:
+    """Other processes' average use during a run above which its timings are not the code's."""
+    return 0.25
+
+
+def under_load(start: dict, others: float | None) -> bool:
+    """Whether a run's timings are not the code's: the machine was busy when it started, or other
+    processes used more than a quarter of a core on average while it ran."""
+    return not start["quiet"] or (others is not None and others > quiet_other_cores())
 
 
 def mem_total_bytes() -> int | None:

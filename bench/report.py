@@ -260,6 +260,7 @@ def markdown(results: dict, readme: bool = False) -> str:
     comp = results.get("comparison", [])
     tokens = num_tokens(c["neighbourhood"])
     load, load_end = m.get("load_average_1min"), m.get("load_average_1min_end")
+    others = m.get("other_processes_cores")
     parts = [
         *(["**Measured under load** (other work ran on the machine; see the load averages below): "
            "these timings are not the code's, re-measure on a quiet machine.", ""]
@@ -267,7 +268,9 @@ def markdown(results: dict, readme: bool = False) -> str:
         f"Measured with `{results['command']}` on {summary_line(m)} "
         f"({m['date']}, commit {m.get('git_commit') or 'unknown'}"
         + (f", 1-min load average {load:.1f} at the start" if load is not None else "")
-        + (f" and {load_end:.1f} at the end" if load_end is not None else "") + ").",
+        + (f" and {load_end:.1f} at the end, its own threads included" if load_end is not None else "")
+        + (f"; other processes kept {others:.2f} cores busy on average while it ran" if others is not None else "")
+        + ").",
         "",
         f"**T={c['steps']} rollout, forward+backward** — {_config_line(c)}. Times are the median "
         f"[interquartile range] of {results['repeats']} repeats after {results['warmup']} untimed warm-up "

@@ -304,6 +304,7 @@ def main(argv=None) -> int:
                "gemm": [], "comparison": [], "growth": [], "scaling": [], "large": [], "inference": [],
                "trainer": [], "quiet": quiet}
     start = time.perf_counter()
+    cpu_start = machine.cpu_seconds()
 
     print("GEMM ceiling (torch.mm):", flush=True)
     sizes = [1024, 2048] if args.quick else [1024, 2048, 4096]
@@ -376,11 +377,13 @@ def main(argv=None) -> int:
 
     results["elapsed_s"] = time.perf_counter() - start
     results["machine"]["load_average_1min_end"] = machine.load_average()
-    results["under_load"] = machine.under_load(quiet, results["machine"]["load_average_1min_end"], m["cores"])
+    others = machine.other_cores(cpu_start, machine.cpu_seconds())
+    results["machine"]["other_processes_cores"] = others
+    results["under_load"] = machine.under_load(quiet, others)
     readme = None if args.no_readme else args.readme
     if results["under_load"] and readme and not args.force_readme:
-        print(f"measured under load (1-min load average {quiet['load'] or 0:.1f} at the start, "
-              f"{results['machine']['load_average_1min_end'] or 0:.1f} at the end): the README is left as it is "
+        print(f"measured under load (1-min load average {quiet['load'] or 0:.1f} at the start; other processes "
+              f"kept {others or 0:.2f} cores busy on average while it ran): the README is left as it is "
               "(--force-readme writes it anyway, marked)", flush=True)
         readme = None
     readme_ok = report.write_all(results, args.out, readme)

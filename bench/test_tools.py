@@ -4,6 +4,9 @@ the reference, the correctness check, the memory probe and the report/README wri
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -194,11 +197,29 @@ def test_a_busy_machine_marks_the_run_as_measured_under_load(monkeypatch):
     monkeypatch.setattr(machine.time, "sleep", lambda s: None)
     quiet = machine.wait_for_quiet(max_wait_s=60, cores=2, poll_s=0)
     assert quiet["quiet"] and quiet["load_first"] == 3.0 and quiet["load"] == 0.4
-    assert not machine.under_load(quiet, load_end=2.5, cores=2)  # the benchmark's own two threads
-    assert machine.under_load(quiet, load_end=3.5, cores=2)  # something else joined
+    assert not machine.under_load(quiet, others=0.1)
+    assert machine.under_load(quiet, others=0.6)  # something else joined
     monkeypatch.setattr(machine, "load_average", lambda: 3.0)
     busy = machine.wait_for_quiet(max_wait_s=0, cores=2)
-    assert not busy["quiet"] and machine.under_load(busy, load_end=1.0, cores=2)
+    assert not busy["quiet"] and machine.under_load(busy, others=0.0)
+
+
+def test_other_processes_cpu_time_is_told_apart_from_the_benchmarks_own():
+    """This process's work is its own; a process it has not reaped yet is another's."""
+    start = machine.cpu_seconds()
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 0.5:
+        pass
+    end = machine.cpu_seconds()
+    assert end["own"] - start["own"] > 0.4 and end["machine"] - start["machine"] > 0.4
+    spin = "import time\nt = time.monotonic()\nwhile time.monotonic() - t < 2: pass"
+    other = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        start = machine.cpu_seconds()
+        time.sleep(1.0)  # sleeping costs no CPU; the spinning child is not reaped yet
+        assert machine.other_cores(start, machine.cpu_seconds()) > 0.5
+    finally:
+        other.wait()
     results = {"command": "python -m bench", "config": Config().to_dict(), "repeats": 1, "warmup": 0,
                "machine": {"cpu": "x", "cores": 2, "torch_threads": 2, "torch_cpu_capability": "AVX2",
                            "memory_bytes": 0, "versions": {"torch": "2"}, "python": "3", "date": "d"},
