@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from .atomic import atomic_write
 from .checkpoint import CheckpointError
-from .data import PairSet
+from .data import PairSet, distinct_answers
 
 BANK_FILE = "answer_bank.safetensors"
 FORMAT = "cube-trainer-answer-bank/1"
@@ -27,10 +27,7 @@ class AnswerBank:
 
     @classmethod
     def from_splits(cls, splits: dict[str, PairSet], teacher_key: str) -> AnswerBank:
-        rows: dict[str, torch.Tensor] = {}
-        for pairs in splits.values():
-            for text, emb in zip(pairs.answers, pairs.a):
-                rows.setdefault(text, emb)
+        rows = distinct_answers(splits.values())
         texts = sorted(rows)
         dim = next(iter(splits.values())).a.shape[1]
         emb = torch.stack([rows[t] for t in texts]).float() if texts else torch.empty(0, dim)

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,16 @@ class PairSet:
         """``[N]``: pairs with the same normalised question (``text_key``) share an id."""
         ids: dict[str, int] = {}
         return torch.tensor([ids.setdefault(text_key(q), len(ids)) for q in self.questions], dtype=torch.long)
+
+
+def distinct_answers(splits: Iterable[PairSet], key: Callable[[str], str] = str) -> dict[str, torch.Tensor]:
+    """Each answer of ``splits`` once, by ``key(text)``, with the embedding of its first
+    occurrence, in order of first occurrence."""
+    first: dict[str, torch.Tensor] = {}
+    for pairs in splits:
+        for text, emb in zip(pairs.answers, pairs.a):
+            first.setdefault(key(text), emb)
+    return first
 
 
 def _clean(text) -> str:

@@ -32,7 +32,7 @@ from torch import nn
 
 from .common import derive_seed, epoch_permutation, lr_factor, param_groups
 from .config import Config, method_config
-from .data import PairSet, text_key
+from .data import PairSet, distinct_answers, text_key
 from .losses import answer_losses, same_question
 
 
@@ -44,10 +44,7 @@ class RankingBank:
 
     @classmethod
     def of(cls, *splits: PairSet) -> RankingBank:
-        first: dict[str, torch.Tensor] = {}
-        for pairs in splits:
-            for text, emb in zip(pairs.answers, pairs.a):
-                first.setdefault(text_key(text), emb)
+        first = distinct_answers(splits, text_key)
         return cls(list(first), torch.stack(list(first.values())).float().cpu())
 
 
