@@ -268,7 +268,7 @@ def markdown(results: dict, readme: bool = False) -> str:
         f"Measured with `{results['command']}` on {summary_line(m)} "
         f"({m['date']}, commit {m.get('git_commit') or 'unknown'}"
         + (f", 1-min load average {load:.1f} at the start" if load is not None else "")
-        + (f" and {load_end:.1f} at the end, its own threads included" if load_end is not None else "")
+        + (f" and {load_end:.1f} after it, once its own threads had stopped" if load_end is not None else "")
         + (f"; other processes kept {others:.2f} cores busy on average while it ran" if others is not None else "")
         + ").",
         "",
