@@ -13,6 +13,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "asimd", "sve")
+# Other processes' average use during a run (cores) above which its timings are not the code's.
+QUIET_OTHER_CORES = 0.25
 
 
 def cpu_model() -> str:
@@ -93,15 +95,10 @@ def other_cores(start: dict | None, end: dict | None) -> float | None:
     return max(others, 0.0) / (end["wall"] - start["wall"])
 
 
-def quiet_other_cores() -> float:
-    """Other processes' average use during a run above which its timings are not the code's."""
-    return 0.25
-
-
 def under_load(start: dict, others: float | None) -> bool:
     """Whether a run's timings are not the code's: the machine was busy when it started, or other
     processes used more than a quarter of a core on average while it ran."""
-    return not start["quiet"] or (others is not None and others > quiet_other_cores())
+    return not start["quiet"] or (others is not None and others > QUIET_OTHER_CORES)
 
 
 def mem_total_bytes() -> int | None:

@@ -170,6 +170,7 @@ def test_config_is_checked():
                        ({"model": {"channels": 4}}, "model.channels"),
                        ({"model": {"neighbourhood": "hex"}}, "model.neighbourhood"),
                        ({"targets": ["sphere"]}, r"targets\[0\]"),
+                       ({"train": {"alpha_weight": 0}}, "train.alpha_weight"),
                        ({"train": {"pool_sise": 8}}, "did you mean 'train.pool_size'")]:
         with pytest.raises(ConfigError, match=match):
             config_from_dict(bad)
@@ -180,6 +181,17 @@ def tiny_trainer(target="torus", **sections):
     for key, value in sections.items():
         data[key].update(value)
     return GrowthTrainer(config_from_dict(data), target)
+
+
+def test_the_loss_weights_alpha_by_alpha_weight():
+    plain, weighted = tiny_trainer(), tiny_trainer(train={"alpha_weight": 3.0})
+    x = torch.rand(2, 8, 8, 8, 8)
+    err = (x[..., :4] - plain.target).square()
+    colour, alpha = err[..., :3].sum(-1).flatten(1).sum(1), err[..., 3].flatten(1).sum(1)
+    cells = 8 ** 3 * 4
+    torch.testing.assert_close(plain.losses(x)[0], (colour + alpha) / cells)
+    torch.testing.assert_close(weighted.losses(x)[0], (colour + 3 * alpha) / cells)
+    torch.testing.assert_close(weighted.losses(x)[1], plain.losses(x)[1])
 
 
 def test_a_tiny_growth_run_learns():

@@ -82,6 +82,7 @@ class GrowthTrainer:
             raise CheckpointError(f"target grid of {target!r} has shape {list(grid.shape)}, "
                                   f"expected {[*shape, RGBA]}")
         self.target = grid.to(self.device, torch.float32)
+        self.channel_weights = torch.tensor([1.0, 1.0, 1.0, t.alpha_weight], device=self.device)
         self.shape = Shape(self.target)
         self.seed_cell = seed_position(self.target)
         with torch.random.fork_rng(devices=[]):
@@ -117,9 +118,10 @@ class GrowthTrainer:
         return self.lattice(x, steps, seed=seed, return_states=return_states)
 
     def losses(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per sample: the mean squared error of the RGBA channels against the target, and the
-        mean square of every state value beyond [-1, 1]."""
-        rgba = (x[..., :RGBA] - self.target).square().flatten(1).mean(1)
+        """Per sample: the mean squared error of the RGBA channels against the target (alpha's
+        weighted by ``train.alpha_weight``), and the mean square of every state value beyond
+        [-1, 1]."""
+        rgba = ((x[..., :RGBA] - self.target).square() * self.channel_weights).flatten(1).mean(1)
         overflow = (x - x.clamp(-1.0, 1.0)).square().flatten(1).mean(1)
         return rgba, overflow
 
