@@ -106,7 +106,7 @@ def test_built_library_reports_running_torch():
 
 def test_baseline_isa_matches_reference():
     """Where the AVX2 loops run, the portable baseline ones (SSE2 on x86-64) are hidden: the CPU
-    ops' reference comparisons again, in a process with CUBE_CPU_ISA=baseline."""
+    ops' and the fused cell's reference comparisons again, in a process with CUBE_CPU_ISA=baseline."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if not _extension.load():
@@ -116,9 +116,10 @@ def test_baseline_isa_matches_reference():
     here = os.path.dirname(os.path.abspath(__file__))
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         *(os.path.join(here, f) for f in ("test_gather_gate.py", "test_update.py", "test_gate_input.py")),
+         *(os.path.join(here, f)
+           for f in ("test_gather_gate.py", "test_update.py", "test_gate_input.py", "test_rollout.py")),
          "-k", "(matches_reference and cpu) or (matches_functional and op) or low_precision "
-               "or (gradcheck and (cpu or op)) or isa_in_use"],
+               "or (gradcheck and (cpu or op)) or isa_in_use or (rollout and (reference or gradcheck))"],
         env=dict(os.environ, CUBE_CPU_ISA="baseline"), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:]
     assert " passed" in done.stdout

@@ -14,6 +14,8 @@
 //             dvn (the transposed stencil on dg), dw_sp, db_sp, dw_out += h^T d_delta, the
 //             gate-input backward, dw_in += y^T dz_pre, dy = dz_pre @ w_in^T, the LayerNorm
 //             backward and the residual: dx = LN'(dy) + grad
+// The stencils (g, the transposed one for dvn, and dw_sp) read vn and dg from plane buffers
+// padded with a halo, a group of tokens at a time with their weights held in registers.
 // The GEMMs run one plane at a time on oneDNN's fp32 micro-kernel (cpublas::brgemm, fp32
 // accumulation) for fp32, bf16 and fp16 states: everything in a plane buffer is fp32, only the
 // state is stored in its dtype. float64 (gradcheck) runs the same plan with a plain loop GEMM.
@@ -21,6 +23,7 @@
 // tasks depend on the shapes only, so every bit of them is the same for any thread count.
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -82,41 +85,179 @@ int64_t chunks_per_item(int64_t B, int64_t D) {
   return std::max<int64_t>(1, std::min((kTasks + B - 1) / B, D / kMinPlanes));
 }
 
-// Channels per register tile of the stencil sums.
-constexpr int64_t kTile = 32;
 constexpr int64_t kMaxTokens = 27;  // Moore
 
-// out[f] = bias[f] (0 without bias) + sum_k w[k, f] * tok[k][f] over the rows that are there,
-// on channels [f0, f0 + width); kWidth > 0 fixes the width at compile time (registers).
-template <int64_t kWidth, typename acc_t>
-CUBE_ALWAYS_INLINE void stencil_tile(const acc_t* const* tok, const acc_t* w, const acc_t* bias,
-                                     int64_t K, int64_t F, int64_t f0, int64_t width,
-                                     acc_t* out) {
-  const int64_t n = kWidth > 0 ? kWidth : width;
-  acc_t acc[kTile];
-  for (int64_t f = 0; f < n; ++f) acc[f] = bias == nullptr ? acc_t(0) : bias[f0 + f];
-  for (int64_t k = 0; k < K; ++k) {
-    if (tok[k] == nullptr) continue;
-    const acc_t* __restrict__ v = tok[k] + f0;
-    const acc_t* __restrict__ wk = w + k * F + f0;
-    for (int64_t f = 0; f < n; ++f) acc[f] += wk[f] * v[f];
+// The gather reads vn (forward) and dg (backward's transposed stencil) from plane buffers padded
+// with a one-cell halo, (H + 2) x (W + 2) rows: zeros for a zero boundary, the wrapped rows for a
+// periodic one, and a plane of zeros where the zero boundary leaves a d-plane out. So every token
+// is a fixed row offset and the stencil loops have no branches. A padded plane is stored in
+// blocks of kLanes channels, [ceil(F / kLanes)][rows][kLanes] (lanes past F unused), so that a
+// sweep over one block reads contiguous memory that stays in L1.
+struct Padded {
+  int64_t H, W, F, rows, blocks;
+  Padded(int64_t H_, int64_t W_, int64_t F_)
+      : H(H_), W(W_), F(F_), rows((H_ + 2) * (W_ + 2)), blocks((F_ + kLanes - 1) / kLanes) {}
+  int64_t size() const { return blocks * rows * kLanes; }
+  // Cell q's row.
+  int64_t row(int64_t q) const { return (q / W + 1) * (W + 2) + q % W + 1; }
+  // Channel f of row 0; the rows follow kLanes apart.
+  template <typename T>
+  T* channel(T* pad, int64_t f) const { return pad + (f / kLanes) * rows * kLanes + f % kLanes; }
+  // Row r = v (F values).
+  template <typename T>
+  CUBE_ALWAYS_INLINE void put(T* pad, int64_t r, const T* v) const {
+    int64_t f0 = 0;
+    for (; f0 + kLanes <= F; f0 += kLanes)  // a fixed-size copy: one register
+      std::memcpy(channel(pad, f0) + r * kLanes, v + f0, kLanes * sizeof(T));
+    for (; f0 < F; ++f0) channel(pad, f0)[r * kLanes] = v[f0];
   }
-  for (int64_t f = 0; f < n; ++f) out[f0 + f] = acc[f];
+  // Fills the halo with the rows a periodic boundary wraps to (the columns first, so that the
+  // row copies carry the corners).
+  template <typename T>
+  void wrap_halo(T* pad) const {
+    const int64_t Wp = W + 2;
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      T* p = pad + blk * rows * kLanes;
+      auto at = [&](int64_t h, int64_t w) { return p + ((h + 1) * Wp + w + 1) * kLanes; };
+      for (int64_t h = 0; h < H; ++h) {
+        std::copy(at(h, W - 1), at(h, W - 1) + kLanes, at(h, -1));
+        std::copy(at(h, 0), at(h, 0) + kLanes, at(h, W));
+      }
+      std::copy(at(H - 1, -1), at(H - 1, -1) + Wp * kLanes, at(-1, -1));
+      std::copy(at(0, -1), at(0, -1) + Wp * kLanes, at(H, -1));
+    }
+  }
+};
+
+// The vector code below is always inlined: no call passes a vector across the ABI that
+// -Wpsabi warns about.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+// A register of kLanes channels (gcc's generic vectors: one AVX2 register of floats, two SSE2
+// ones on the baseline), or one channel where Vec is acc_t itself. The loops below spell their
+// registers out: gcc does not vectorise them when written over arrays of channels.
+template <typename acc_t>
+struct Lanes {
+  typedef acc_t type __attribute__((vector_size(kLanes * sizeof(acc_t))));
+};
+
+template <typename Vec>
+CUBE_ALWAYS_INLINE Vec load(const void* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof(Vec));
+  return v;
 }
 
-template <typename acc_t>
-CUBE_ALWAYS_INLINE void stencil(const acc_t* const* tok, const acc_t* w, const acc_t* bias,
-                                int64_t K, int64_t F, acc_t* out) {
-  int64_t f0 = 0;
-  for (; f0 + kTile <= F; f0 += kTile) stencil_tile<kTile>(tok, w, bias, K, F, f0, kTile, out);
-  if (f0 < F) stencil_tile<0>(tok, w, bias, K, F, f0, F - f0, out);
+template <typename Vec>
+CUBE_ALWAYS_INLINE void store(void* p, const Vec& v) {
+  std::memcpy(p, &v, sizeof(Vec));
 }
+
+// One group of G tokens of the stencil on the channels [f0, f0 + lanes of Vec) of every cell of
+// a plane: out[q, f] = (first ? bias[f] (0 without bias) : out[q, f])
+//                      + sum_j w[j, f] * src[j][row(q) + off[j], f]
+// with row(q) the cell's padded row. The G weight registers stay loaded while the group sweeps
+// the plane (about one load per multiply-add instead of two).
+template <int G, typename Vec, typename acc_t>
+CUBE_ALWAYS_INLINE void stencil_group(const acc_t* const* src, const int64_t* off, const acc_t* w,
+                                      const acc_t* bias, bool first, const Padded& pl, int64_t f0,
+                                      acc_t* out) {
+  const int64_t H = pl.H, W = pl.W, F = pl.F;
+  Vec wr[G];
+  const acc_t* base[G];
+  for (int j = 0; j < G; ++j) {
+    wr[j] = load<Vec>(w + j * F + f0);
+    base[j] = pl.channel(src[j], f0) + off[j] * kLanes;
+  }
+  const Vec init = bias == nullptr ? Vec{} : load<Vec>(bias + f0);
+  for (int64_t hh = 0; hh < H; ++hh) {
+    const int64_t r0 = ((hh + 1) * (W + 2) + 1) * kLanes;
+    for (int64_t ww = 0; ww < W; ++ww) {
+      const int64_t r = r0 + ww * kLanes;
+      acc_t* o = out + (hh * W + ww) * F + f0;
+      Vec acc = first ? init : load<Vec>(o);
+      for (int j = 0; j < G; ++j) acc += wr[j] * load<Vec>(base[j] + r);
+      store(o, acc);
+    }
+  }
+}
+
+// One group of G tokens of dw_sp on the channels [f0, f0 + lanes of Vec): pw[j, f] += sum_q
+// dg[row(q), f] * src[j][row(q) + off[j], f], the sums over the plane in registers.
+template <int G, typename Vec, typename acc_t>
+CUBE_ALWAYS_INLINE void correlate_group(const acc_t* const* src, const int64_t* off,
+                                        const acc_t* dg, const Padded& pl, int64_t f0,
+                                        acc_t* pw) {
+  const int64_t H = pl.H, W = pl.W, F = pl.F;
+  Vec acc[G] = {};
+  const acc_t* base[G];
+  for (int j = 0; j < G; ++j) base[j] = pl.channel(src[j], f0) + off[j] * kLanes;
+  const acc_t* dgf = pl.channel(dg, f0);
+  for (int64_t hh = 0; hh < H; ++hh) {
+    const int64_t r0 = ((hh + 1) * (W + 2) + 1) * kLanes;
+    for (int64_t ww = 0; ww < W; ++ww) {
+      const int64_t r = r0 + ww * kLanes;
+      const Vec d = load<Vec>(dgf + r);
+      for (int j = 0; j < G; ++j) acc[j] += d * load<Vec>(base[j] + r);
+    }
+  }
+  for (int j = 0; j < G; ++j) store(pw + j * F + f0, load<Vec>(pw + j * F + f0) + acc[j]);
+}
+
+// The K tokens in groups of G (K = 27: three groups of 9; K = 7: one group of 7), a block of
+// kLanes channels at a time (a register), the channels of a last partial block one by one.
+template <int G, typename acc_t>
+CUBE_ALWAYS_INLINE void stencil_groups(const acc_t* const* src, const int64_t* off,
+                                       const acc_t* w, const acc_t* bias, int64_t K,
+                                       const Padded& pl, acc_t* out) {
+  using Vec = typename Lanes<acc_t>::type;
+  for (int64_t k0 = 0; k0 < K; k0 += G) {
+    int64_t f0 = 0;
+    for (; f0 + kLanes <= pl.F; f0 += kLanes)
+      stencil_group<G, Vec>(src + k0, off + k0, w + k0 * pl.F, bias, k0 == 0, pl, f0, out);
+    for (; f0 < pl.F; ++f0)
+      stencil_group<G, acc_t>(src + k0, off + k0, w + k0 * pl.F, bias, k0 == 0, pl, f0, out);
+  }
+}
+
+template <int G, typename acc_t>
+CUBE_ALWAYS_INLINE void correlate_groups(const acc_t* const* src, const int64_t* off,
+                                         const acc_t* dg, int64_t K, const Padded& pl,
+                                         acc_t* pw) {
+  using Vec = typename Lanes<acc_t>::type;
+  for (int64_t k0 = 0; k0 < K; k0 += G) {
+    int64_t f0 = 0;
+    for (; f0 + kLanes <= pl.F; f0 += kLanes)
+      correlate_group<G, Vec>(src + k0, off + k0, dg, pl, f0, pw + k0 * pl.F);
+    for (; f0 < pl.F; ++f0)
+      correlate_group<G, acc_t>(src + k0, off + k0, dg, pl, f0, pw + k0 * pl.F);
+  }
+}
+
+// out[q, f] = bias[f] + sum_k w[k, f] * src[k][row(q) + off[k], f] over every cell q of the
+// plane, the tokens added in k order (bias nullptr: from 0); out is [P, F].
+template <typename acc_t>
+CUBE_ALWAYS_INLINE void stencil(const acc_t* const* src, const int64_t* off, const acc_t* w,
+                                const acc_t* bias, int64_t K, const Padded& pl, acc_t* out) {
+  if (K % 9 == 0) return stencil_groups<9>(src, off, w, bias, K, pl, out);
+  stencil_groups<7>(src, off, w, bias, K, pl, out);
+}
+
+// pw[k, f] += sum_q dg[row(q), f] * src[k][row(q) + off[k], f] (dw_sp's terms of one plane).
+template <typename acc_t>
+CUBE_ALWAYS_INLINE void correlate(const acc_t* const* src, const int64_t* off, const acc_t* dg,
+                                  int64_t K, const Padded& pl, acc_t* pw) {
+  if (K % 9 == 0) return correlate_groups<9>(src, off, dg, K, pl, pw);
+  correlate_groups<7>(src, off, dg, K, pl, pw);
+}
+#pragma GCC diagnostic pop
 
 // One step's operands. scalar_t: the state's dtype (the backward runs with the accumulation type).
 template <typename scalar_t>
 struct Step {
   using acc_t = at::opmath_type<scalar_t>;
-  int64_t B, D, P, C, F, K;  // P = H * W cells per plane
+  int64_t B, D, H, W, P, C, F, K;  // P = H * W cells per plane
   int boundary;
   const scalar_t* x;
   const scalar_t* inject;  // [B, H, W, E] or nullptr
@@ -124,10 +265,9 @@ struct Step {
   const acc_t* p[kNumCellParams];
   const acc_t* w_in_t;   // backward: w_in^T [2F, C] and w_out^T [C, F]
   const acc_t* w_out_t;
-  const int32_t* nbr;    // [P, K]: the cell of the plane that token k of a cell reads, -1 where
-                         // the zero boundary leaves it out
-  const int32_t* nbr_t;  // the same with the offsets negated (backward's transposed stencil)
-  const int* dd;         // [K]: token k's offset in d
+  int dd[kMaxTokens];         // token k's offset in d
+  int64_t off[kMaxTokens];    // its offset in (h, w) as rows of a padded plane
+  int64_t off_t[kMaxTokens];  // -off: backward's transposed stencil
   uint64_t seed;
   int64_t step;
   float fire_rate;
@@ -173,15 +313,13 @@ struct Step {
     }
   }
 
-  // tok[k]: the row (of `width` values, at column `col`) of plane buffers planes[0..2] (planes
-  // d-1, d, d+1, nullptr where absent) that token k of cell q reads; nullptr where there is none.
-  // `sign` -1 reads the transposed stencil.
-  CUBE_ALWAYS_INLINE void token_rows(acc_t* const* planes, int64_t q, int64_t width, int64_t col,
-                                     int sign, const acc_t** tok) const {
-    const int32_t* n = (sign > 0 ? nbr : nbr_t) + q * K;
+  // src[k]: the padded plane that token k of plane d's cells reads, from `planes` (planes d-1,
+  // d, d+1, nullptr where absent: then `zeros`); `sign` -1 reads the transposed stencil's.
+  CUBE_ALWAYS_INLINE void token_planes(acc_t* const* planes, const acc_t* zeros, int sign,
+                                       const acc_t** src) const {
     for (int64_t k = 0; k < K; ++k) {
       const acc_t* plane = planes[1 + sign * dd[k]];
-      tok[k] = n[k] < 0 || plane == nullptr ? nullptr : plane + n[k] * width + col;
+      src[k] = plane == nullptr ? zeros : plane;
     }
   }
 
@@ -204,10 +342,13 @@ struct ForwardTasks {
   using acc_t = at::opmath_type<scalar_t>;
   static CUBE_ALWAYS_INLINE void run(const Step<scalar_t>& s, scalar_t* const& out,
                                      const int64_t& begin, const int64_t& end) {
-    const int64_t P = s.P, C = s.C, F = s.F, slot = P * 2 * F;
-    std::vector<acc_t> mem(static_cast<size_t>(3 * slot + 2 * P * C + P * F + C));
+    const int64_t P = s.P, C = s.C, F = s.F;
+    const Padded pl(s.H, s.W, F);
+    const int64_t pad = pl.size(), slot = P * 2 * F + pad;  // per ring slot: u (in z) [P, 2F], vn
+    std::vector<acc_t> mem(static_cast<size_t>(3 * slot + pad + 2 * P * C + P * F + C));
     acc_t* ring = mem.data();
-    acc_t* y = ring + 3 * slot;       // [P, C]
+    acc_t* zeros = ring + 3 * slot;   // a padded plane of zeros: a d-plane the boundary leaves out
+    acc_t* y = zeros + pad;           // [P, C]
     acc_t* delta = y + P * C;         // [P, C]
     acc_t* h = delta + P * C;         // [P, F]
     acc_t* buf = h + P * F;           // one state row
@@ -218,26 +359,28 @@ struct ForwardTasks {
       for (int64_t e = d0 - 1; e <= d1; ++e) {
         const int64_t pe = s.plane(e);
         if (pe >= 0) {
-          acc_t* uvn = ring_slot(ring, slot, e, d0);  // u | vn, in place of z
-          s.project_plane(b, pe, y, uvn, buf);
+          acc_t* z = ring_slot(ring, slot, e, d0);
+          acc_t* vn = z + P * 2 * F;
+          s.project_plane(b, pe, y, z, buf);
           for (int64_t q = 0; q < P; ++q) {
-            acc_t* z = uvn + q * 2 * F;
-            rows::gate_input(z, s.p[kLn2W], s.p[kLn2B], F, z, z + F);
+            acc_t* zq = z + q * 2 * F;
+            rows::gate_input(zq, s.p[kLn2W], s.p[kLn2B], F, zq, zq + F);
+            pl.put(vn, pl.row(q), zq + F);
           }
+          if (s.boundary == kPeriodic) pl.wrap_halo(vn);
         }
         const int64_t d = e - 1;  // plane d has its neighbours now
         if (d < d0) continue;
         acc_t* planes[3];
         for (int i = 0; i < 3; ++i)
-          planes[i] = s.plane(d - 1 + i) < 0 ? nullptr : ring_slot(ring, slot, d - 1 + i, d0);
-        const acc_t* tok[kMaxTokens];
-        for (int64_t q = 0; q < P; ++q) {
-          s.token_rows(planes, q, 2 * F, F, 1, tok);
-          acc_t* hq = h + q * F;
-          stencil(tok, s.p[kWSp], s.p[kBSp], s.K, F, hq);
-          const acc_t* __restrict__ u = planes[1] + q * 2 * F;
-          for (int64_t f = 0; f < F; ++f) hq[f] *= u[f];
-        }
+          planes[i] = s.plane(d - 1 + i) < 0 ? nullptr
+                                             : ring_slot(ring, slot, d - 1 + i, d0) + P * 2 * F;
+        const acc_t* src[kMaxTokens];
+        s.token_planes(planes, zeros, 1, src);
+        stencil(src, s.off, s.p[kWSp], s.p[kBSp], s.K, pl, h);
+        const acc_t* __restrict__ u = ring_slot(ring, slot, d, d0);
+        for (int64_t q = 0; q < P; ++q)
+          for (int64_t f = 0; f < F; ++f) h[q * F + f] *= u[q * 2 * F + f];
         gemm(P, C, F, h, F, s.p[kWOut], C, delta, C, false);
         for (int64_t q = 0; q < P; ++q) {
           const acc_t* __restrict__ xq = s.row(b, d, q, buf);
@@ -271,16 +414,20 @@ struct BackwardTasks {
                                      acc_t* const& partials, const int64_t& begin,
                                      const int64_t& end) {
     const int64_t P = s.P, C = s.C, F = s.F, K = s.K;
-    // Per ring slot: uvn [P, 2F] (u | vn), dgelu [P, 2F] (gelu' of the pre-activations), vhat
-    // [P, F] and rstd [P] (the gate LayerNorm's), d_delta [P, C], dh [P, F], dg [P, F].
-    const int64_t uvn_at = 0, dgelu_at = P * 2 * F, vhat_at = 2 * dgelu_at;
+    const Padded pl(s.H, s.W, F);
+    const int64_t pad = pl.size();
+    // Per ring slot: u [P, F], vn [padded], dgelu [P, 2F] (gelu' of the pre-activations), vhat
+    // [P, F] and rstd [P] (the gate LayerNorm's), d_delta [P, C], dh [P, F], dg [padded].
+    const int64_t u_at = 0, vn_at = P * F, dgelu_at = vn_at + pad, vhat_at = dgelu_at + P * 2 * F;
     const int64_t rstd_at = vhat_at + P * F, dd_at = rstd_at + P, dh_at = dd_at + P * C;
-    const int64_t dg_at = dh_at + P * F, slot = dg_at + P * F;
-    std::vector<acc_t> mem(static_cast<size_t>(3 * slot + P * (6 * F + 4 * C) + P + 2 * F + 3 * C));
+    const int64_t dg_at = dh_at + P * F, slot = dg_at + pad;
+    std::vector<acc_t> mem(
+        static_cast<size_t>(3 * slot + pad + P * (6 * F + 4 * C) + P + F + 3 * C));
     acc_t* ring = mem.data();
-    acc_t* h = ring + 3 * slot;  // [P, F]
+    acc_t* zeros = ring + 3 * slot;  // a padded plane of zeros: a d-plane the boundary leaves out
+    acc_t* h = zeros + pad;      // [P, F]
     acc_t* h_t = h + P * F;      // [F, P]
-    acc_t* du = h_t + P * F;     // [P, F]
+    acc_t* du = h_t + P * F;     // [P, F]: g, then du
     acc_t* dvn = du + P * F;     // [P, F]
     acc_t* dz = dvn + P * F;     // [P, 2F]: z, then dz_pre
     acc_t* y = dz + P * 2 * F;   // [P, C]
@@ -288,8 +435,7 @@ struct BackwardTasks {
     acc_t* xhat = y_t + P * C;   // [P, C]
     acc_t* dy = xhat + P * C;    // [P, C]
     acc_t* rstd = dy + P * C;    // [P]
-    acc_t* g = rstd + P;         // [F]
-    acc_t* g_ln = g + F;         // [F]
+    acc_t* g_ln = rstd + P;      // [F]
     acc_t* buf = g_ln + F;       // [C]
     acc_t* ln = buf + C;         // [C]
     acc_t* dxq = ln + C;         // [C]
@@ -303,61 +449,57 @@ struct BackwardTasks {
         const int64_t pe = s.plane(e);
         if (pe >= 0) {  // stage A
           acc_t* sl = ring_slot(ring, slot, e, d0);
-          acc_t *uvn = sl + uvn_at, *d_delta = sl + dd_at, *dh = sl + dh_at, *dg = sl + dg_at;
+          acc_t *u = sl + u_at, *vn = sl + vn_at, *d_delta = sl + dd_at, *dh = sl + dh_at;
+          acc_t* dg = sl + dg_at;
           s.project_plane(b, pe, y, dz, buf);
           for (int64_t q = 0; q < P; ++q)
             sl[rstd_at + q] = rows::gate_input_saving(
-                dz + q * 2 * F, s.p[kLn2W], s.p[kLn2B], F, uvn + q * 2 * F, uvn + q * 2 * F + F,
+                dz + q * 2 * F, s.p[kLn2W], s.p[kLn2B], F, u + q * F, dvn + q * F,
                 sl + dgelu_at + q * 2 * F, sl + vhat_at + q * F);
+          for (int64_t q = 0; q < P; ++q) pl.put(vn, pl.row(q), dvn + q * F);  // dvn: free here
           for (int64_t q = 0; q < P; ++q) {
             const acc_t* gq = grad + ((b * s.D + pe) * P + q) * C;
             acc_t* o = d_delta + q * C;
             if (s.fires(b, pe, q)) std::copy(gq, gq + C, o); else std::fill(o, o + C, acc_t(0));
           }
           gemm(P, F, C, d_delta, C, s.w_out_t, F, dh, F, false);
+          // dg (into dz, free until stage B), its padded copy and, on the chunk's planes, db_sp.
+          const bool own = e >= d0 && e < d1;
           for (int64_t q = 0; q < P; ++q) {
-            const acc_t* __restrict__ u = uvn + q * 2 * F;
+            const acc_t* __restrict__ uq = u + q * F;
             const acc_t* __restrict__ dhq = dh + q * F;
-            acc_t* __restrict__ dgq = dg + q * F;
-            for (int64_t f = 0; f < F; ++f) dgq[f] = dhq[f] * u[f];
+            acc_t* __restrict__ dgq = dz + q * F;
+            for (int64_t f = 0; f < F; ++f) dgq[f] = dhq[f] * uq[f];
+            pl.put(dg, pl.row(q), dgq);
+            if (own)
+              for (int64_t f = 0; f < F; ++f) pg[kBSp][f] += dgq[f];
+          }
+          if (s.boundary == kPeriodic) {
+            pl.wrap_halo(vn);
+            pl.wrap_halo(dg);
           }
         }
         const int64_t d = e - 1;  // stage B
         if (d < d0) continue;
         acc_t* sl = ring_slot(ring, slot, d, d0);
-        const acc_t *uvn = sl + uvn_at, *d_delta = sl + dd_at, *dh = sl + dh_at, *dg = sl + dg_at;
-        acc_t *uvn_planes[3], *dg_planes[3];
+        const acc_t *u = sl + u_at, *d_delta = sl + dd_at, *dh = sl + dh_at, *dg = sl + dg_at;
+        acc_t *vn_planes[3], *dg_planes[3];
         for (int i = 0; i < 3; ++i) {
           acc_t* si = s.plane(d - 1 + i) < 0 ? nullptr : ring_slot(ring, slot, d - 1 + i, d0);
-          uvn_planes[i] = si == nullptr ? nullptr : si + uvn_at;
+          vn_planes[i] = si == nullptr ? nullptr : si + vn_at;
           dg_planes[i] = si == nullptr ? nullptr : si + dg_at;
         }
-        // Gather + gate backward: du, dvn, dw_sp, db_sp (and h for dw_out).
-        const acc_t* tok[kMaxTokens];
-        acc_t* __restrict__ pw_sp = pg[kWSp];
-        acc_t* __restrict__ pb_sp = pg[kBSp];
-        for (int64_t q = 0; q < P; ++q) {
-          s.token_rows(uvn_planes, q, 2 * F, F, 1, tok);
-          stencil(tok, s.p[kWSp], s.p[kBSp], K, F, g);
-          const acc_t* __restrict__ u = uvn + q * 2 * F;
-          const acc_t* __restrict__ dhq = dh + q * F;
-          const acc_t* __restrict__ dgq = dg + q * F;
-          acc_t* __restrict__ hq = h + q * F;
-          acc_t* __restrict__ duq = du + q * F;
-          for (int64_t f = 0; f < F; ++f) {
-            hq[f] = u[f] * g[f];
-            duq[f] = dhq[f] * g[f];
-            pb_sp[f] += dgq[f];
-          }
-          for (int64_t k = 0; k < K; ++k) {
-            if (tok[k] == nullptr) continue;
-            const acc_t* __restrict__ v = tok[k];
-            acc_t* __restrict__ pwk = pw_sp + k * F;
-            for (int64_t f = 0; f < F; ++f) pwk[f] += dgq[f] * v[f];
-          }
-          s.token_rows(dg_planes, q, F, 0, -1, tok);
-          stencil<acc_t>(tok, s.p[kWSp], nullptr, K, F, dvn + q * F);
+        // Gather + gate backward: g recomputed, h (for dw_out), du, db_sp, dw_sp, dvn.
+        const acc_t* src[kMaxTokens];
+        s.token_planes(vn_planes, zeros, 1, src);
+        stencil(src, s.off, s.p[kWSp], s.p[kBSp], K, pl, du);
+        for (int64_t i = 0; i < P * F; ++i) {
+          h[i] = u[i] * du[i];
+          du[i] *= dh[i];
         }
+        correlate(src, s.off, dg, K, pl, pg[kWSp]);
+        s.token_planes(dg_planes, zeros, -1, src);
+        stencil<acc_t>(src, s.off_t, s.p[kWSp], nullptr, K, pl, dvn);
         // Out-projection backward: dw_out += h^T d_delta, db_out += sum d_delta.
         transpose(h, P, F, F, h_t);
         gemm(F, C, P, h_t, P, d_delta, C, pg[kWOut], C, true);
@@ -398,29 +540,21 @@ struct BackwardTasks {
 // The operands common to both directions.
 template <typename scalar_t>
 Step<scalar_t> make_step(const at::Tensor& x, const CellParams& p, const CellConfig& cfg,
-                         int64_t step, std::vector<int32_t>& nbr, std::vector<int32_t>& nbr_t,
-                         std::vector<int>& dd) {
+                         int64_t step) {
   using acc_t = at::opmath_type<scalar_t>;
   Step<scalar_t> s{};
-  s.B = x.size(0), s.D = x.size(1), s.P = x.size(2) * x.size(3), s.C = x.size(4);
+  s.B = x.size(0), s.D = x.size(1), s.H = x.size(2), s.W = x.size(3), s.C = x.size(4);
+  s.P = s.H * s.W;
   s.F = p[kWIn].size(1) / 2, s.K = num_tokens(cfg.neighbourhood);
   s.boundary = cfg.boundary;
   s.x = x.const_data_ptr<scalar_t>();
   for (int i = 0; i < kNumCellParams; ++i) s.p[i] = p[i].const_data_ptr<acc_t>();
-  const Lattice plane{1, x.size(2), x.size(3), cfg.boundary};
-  nbr.resize(static_cast<size_t>(s.P * s.K));
-  nbr_t.resize(nbr.size());
-  dd.resize(static_cast<size_t>(s.K));
   for (int k = 0; k < s.K; ++k) {
-    int dk, hk, wk;
-    token_offset(cfg.neighbourhood, k, dk, hk, wk);
-    dd[k] = dk;
-    for (int64_t q = 0; q < s.P; ++q) {
-      nbr[q * s.K + k] = static_cast<int32_t>(plane.neighbour(q, 0, hk, wk));
-      nbr_t[q * s.K + k] = static_cast<int32_t>(plane.neighbour(q, 0, -hk, -wk));
-    }
+    int dh, dw;
+    token_offset(cfg.neighbourhood, k, s.dd[k], dh, dw);
+    s.off[k] = dh * (s.W + 2) + dw;
+    s.off_t[k] = -s.off[k];
   }
-  s.nbr = nbr.data(), s.nbr_t = nbr_t.data(), s.dd = dd.data();
   s.seed = static_cast<uint64_t>(cfg.seed), s.step = step;
   s.fire_rate = static_cast<float>(cfg.fire_rate);
   s.chunks = chunks_per_item(s.B, s.D);
@@ -433,9 +567,7 @@ void cell_forward(const at::Tensor& x, const at::Tensor& inject, const CellParam
                   const CellConfig& cfg, int64_t step, const at::Tensor& out) {
   if (x.numel() == 0) return;  // no cells (or no channels): nothing to compute
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "cube::cell_forward", [&] {
-    std::vector<int32_t> nbr, nbr_t;
-    std::vector<int> dd;
-    Step<scalar_t> s = make_step<scalar_t>(x, p, cfg, step, nbr, nbr_t, dd);
+    Step<scalar_t> s = make_step<scalar_t>(x, p, cfg, step);
     if (inject.defined()) s.inject = inject.const_data_ptr<scalar_t>(), s.E = inject.size(-1);
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, s.B * s.chunks, 1, [&](int64_t begin, int64_t end) {
@@ -449,9 +581,7 @@ at::Tensor cell_backward(const at::Tensor& grad, const at::Tensor& x, const Cell
   at::Tensor dx = at::empty(x.sizes(), x.options());
   if (x.numel() == 0) return dx;  // no cells: no gradient to add
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cube::cell_backward", [&] {
-    std::vector<int32_t> nbr, nbr_t;
-    std::vector<int> dd;
-    Step<scalar_t> s = make_step<scalar_t>(x, p, cfg, step, nbr, nbr_t, dd);
+    Step<scalar_t> s = make_step<scalar_t>(x, p, cfg, step);
     const at::Tensor w_in_t = p[kWIn].t().contiguous(), w_out_t = p[kWOut].t().contiguous();
     s.w_in_t = w_in_t.const_data_ptr<scalar_t>(), s.w_out_t = w_out_t.const_data_ptr<scalar_t>();
     const GradLayout layout(p);
