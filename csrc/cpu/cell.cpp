@@ -172,7 +172,7 @@ CUBE_ALWAYS_INLINE void stencil_group(const acc_t* const* src, const int64_t* of
   }
   const Vec init = bias == nullptr ? Vec{} : load<Vec>(bias + f0);
   for (int64_t hh = 0; hh < H; ++hh) {
-    const int64_t r0 = ((hh + 1) * (W + 2) + 1) * kLanes;
+    const int64_t r0 = pl.row(hh * W) * kLanes;
     for (int64_t ww = 0; ww < W; ++ww) {
       const int64_t r = r0 + ww * kLanes;
       acc_t* o = out + (hh * W + ww) * F + f0;
@@ -195,7 +195,7 @@ CUBE_ALWAYS_INLINE void correlate_group(const acc_t* const* src, const int64_t* 
   for (int j = 0; j < G; ++j) base[j] = pl.channel(src[j], f0) + off[j] * kLanes;
   const acc_t* dgf = pl.channel(dg, f0);
   for (int64_t hh = 0; hh < H; ++hh) {
-    const int64_t r0 = ((hh + 1) * (W + 2) + 1) * kLanes;
+    const int64_t r0 = pl.row(hh * W) * kLanes;
     for (int64_t ww = 0; ww < W; ++ww) {
       const int64_t r = r0 + ww * kLanes;
       const Vec d = load<Vec>(dgf + r);
