@@ -171,6 +171,7 @@ def test_config_is_checked():
                        ({"model": {"neighbourhood": "hex"}}, "model.neighbourhood"),
                        ({"targets": ["sphere"]}, r"targets\[0\]"),
                        ({"train": {"alpha_weight": 0}}, "train.alpha_weight"),
+                       ({"train": {"ema": 1.0}}, "train.ema"),
                        ({"train": {"pool_sise": 8}}, "did you mean 'train.pool_size'")]:
         with pytest.raises(ConfigError, match=match):
             config_from_dict(bad)
@@ -209,27 +210,44 @@ def test_a_tiny_growth_run_learns():
     assert after.grown.shape == (2,) and len(after.frames["grow"]) == 8 and len(after.frames["regrow"]) == 8
 
 
+def test_evaluation_grows_with_the_moving_average_of_the_weights():
+    trainer = tiny_trainer(train={"ema": 0.5})
+    weights = []
+    for _ in range(3):
+        trainer.train_step()
+        weights.append([p.detach().clone() for p in trainer.lattice.parameters()])
+    for e, w1, w2, w3 in zip(trainer.eval_lattice.parameters(), *weights):
+        torch.testing.assert_close(e, 0.25 * w1 + 0.25 * w2 + 0.5 * w3)  # the first update copies
+    averaged, last = tiny_trainer(), tiny_trainer()
+    averaged.lattice.load_state_dict(trainer.eval_lattice.state_dict())
+    last.lattice.load_state_dict(trainer.lattice.state_dict())
+    grown = trainer.evaluate(frames=True).frames["grow"][-1]
+    assert torch.equal(grown, averaged.evaluate(frames=True).frames["grow"][-1])
+    assert not torch.equal(grown, last.evaluate(frames=True).frames["grow"][-1])
+
+
 def test_resume_repeats_the_uninterrupted_run(tmp_path):
-    a = tiny_trainer(train={"steps": 5})
+    a = tiny_trainer(train={"steps": 5, "ema": 0.8})
     a.fit(tmp_path / "a")
-    b = tiny_trainer(train={"steps": 5, "checkpoint_every": 3})
+    b = tiny_trainer(train={"steps": 5, "ema": 0.8, "checkpoint_every": 3})
     b.fit(tmp_path / "b", stop_after=3)
-    c = tiny_trainer(train={"steps": 5}).resume(tmp_path / "b" / "checkpoints")
+    c = tiny_trainer(train={"steps": 5, "ema": 0.8}).resume(tmp_path / "b" / "checkpoints")
     assert c.global_step == 3
     c.fit(tmp_path / "b")
-    for p, q in zip(a.lattice.parameters(), c.lattice.parameters()):
+    for p, q in zip([*a.lattice.parameters(), *a.eval_lattice.parameters()],
+                    [*c.lattice.parameters(), *c.eval_lattice.parameters()]):
         assert torch.equal(p, q)
     assert torch.equal(a.pool.states, c.pool.states)
     loaded = GrowthTrainer.load(tmp_path / "b" / "checkpoints")
     assert loaded.global_step == 5 and torch.equal(loaded.target, a.target)
     with pytest.raises(CheckpointError, match="grows 'torus', not 'tree'"):
         tiny_trainer("tree").resume(tmp_path / "b" / "checkpoints")
-    smaller_pool = tiny_trainer(train={"pool_size": 8, "steps": 5})
+    smaller_pool = tiny_trainer(train={"pool_size": 8, "steps": 5, "ema": 0.8})
     with pytest.raises(CheckpointError, match="differs in train.pool_size"):
         smaller_pool.resume(tmp_path / "b" / "checkpoints")
     with pytest.raises(CheckpointError, match="its pool is"), pytest.warns(UserWarning, match="train.pool_size"):
         smaller_pool.resume(tmp_path / "b" / "checkpoints", force=True)
-    tiny_trainer(train={"steps": 5, "log_every": 2}).resume(tmp_path / "b" / "checkpoints")  # logging is free
+    tiny_trainer(train={"steps": 5, "ema": 0.8, "log_every": 2}).resume(tmp_path / "b" / "checkpoints")  # logging is free
 
 
 def test_cli_grows_draws_and_reports(tmp_path, capsys):

@@ -51,8 +51,9 @@ def pictures(trainer: GrowthTrainer, ev: Evaluation, run_dir: Path):
 def results_table(cfg: GrowConfig, rows: list[dict]) -> str:
     m, T = cfg.model, cfg.horizon
     head = (f"Growth on a {m.depth}x{m.height}x{m.width} lattice (C={m.channels}, F={m.hidden}, {m.neighbourhood}, "
-            f"fire rate {m.fire_rate}, alive masking), horizon T={T} steps; voxel IoU of the opaque cells against "
-            f"the target, mean [min] over {cfg.eval.samples} rollouts")
+            f"fire rate {m.fire_rate}, alive masking), horizon T={T} steps"
+            + (f", grown with the weights' moving average (decay {cfg.train.ema})" if cfg.train.ema else "")
+            + f"; voxel IoU of the opaque cells against the target, mean [min] over {cfg.eval.samples} rollouts")
     cols = ["target", "cells", "steps", "train s (CPU s)"] + [label for _, label in STAGES]
     lines = [head, "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:

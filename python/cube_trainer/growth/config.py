@@ -47,6 +47,7 @@ class GrowTrainConfig:
     min_lr_ratio: float = 0.1         # cosine decay floor, as a fraction of lr
     alpha_weight: float = 1.0         # weight of alpha's squared error against each colour's (the IoU reads alpha)
     overflow: float = 1.0             # weight of the loss on state values outside [-1, 1]
+    ema: float = 0.0                  # decay of the weights' moving average that evaluation uses (0: the last weights)
     loss_steps: int = 1               # the loss is the mean over the rollout's last loss_steps states
     checkpoint_every: int = 100       # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 2
@@ -100,6 +101,7 @@ def validate(cfg: GrowConfig) -> GrowConfig:
     _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
     _require(t.overflow >= 0, "train.overflow", f"must be >= 0, got {t.overflow}")
     _require(t.alpha_weight > 0, "train.alpha_weight", f"must be > 0, got {t.alpha_weight}")
+    _require(0 <= t.ema < 1, "train.ema", f"must be in [0, 1), got {t.ema}")
     _require(e.samples >= 1, "eval.samples", f"must be >= 1, got {e.samples}")
     _require(e.horizon is None or e.horizon >= 1, "eval.horizon", f"must be null or >= 1, got {e.horizon}")
     _require(bool(cfg.targets), "targets", "must name at least one target")

@@ -5,8 +5,10 @@ cut), runs a random number of lattice steps in ``[rollout_min, rollout_max]`` wi
 masking on the alpha channel, and descends the squared error of every cell's RGBA against the
 target plus a penalty on state values outside [-1, 1]. Each parameter's gradient is scaled to
 unit norm before Adam (as in Mordvintsev et al. 2020): the gradient of a long rollout varies
-over orders of magnitude between batches, and this keeps the step size steady. All randomness
-comes from the config's seed, so a resumed run repeats an uninterrupted one.
+over orders of magnitude between batches, and this keeps the step size steady. With
+``train.ema``, evaluation grows with an exponential moving average of the weights, which
+smooths the last steps' noise out of the final model. All randomness comes from the config's
+seed, so a resumed run repeats an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from cube_kernels import CubeLattice
 
@@ -95,6 +98,7 @@ class GrowthTrainer:
                 # at first, and growth from one cell then takes hundreds of steps to start.
                 torch.nn.init.uniform_(self.lattice.cell.w_sp, -m.init_spatial, m.init_spatial)
         self.optimizer = torch.optim.Adam(self.lattice.parameters(), lr=t.lr)
+        self.averaged = AveragedModel(self.lattice, multi_avg_fn=get_ema_multi_avg_fn(t.ema)) if t.ema else None
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(
             lr_factor, warmup=t.warmup_steps, total=t.steps, floor=t.min_lr_ratio))
         self.generator = torch.Generator().manual_seed(derive_seed(cfg.seed, self.name, "pool"))
@@ -113,9 +117,10 @@ class GrowthTrainer:
         x[(slice(None), *self.seed_cell, slice(ALPHA, None))] = 1.0
         return x
 
-    def run(self, x: torch.Tensor, steps: int, seed: int, return_states: bool = False):
-        """``steps`` lattice steps from ``x`` with the fire masks of ``seed``."""
-        return self.lattice(x, steps, seed=seed, return_states=return_states)
+    @property
+    def eval_lattice(self) -> CubeLattice:
+        """The lattice that evaluation grows: the weights' moving average with ``train.ema``."""
+        return self.lattice if self.averaged is None else self.averaged.module
 
     def losses(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per sample: the mean squared error of the RGBA channels against the target (alpha's
@@ -139,8 +144,8 @@ class GrowthTrainer:
         x = self.pool.start(idx, start_losses, damaged, self.shape, self.generator)
         steps = int(torch.randint(t.rollout_min, t.rollout_max + 1, (), generator=self.generator))
         self.lattice.train()
-        states = self.run(x, steps, derive_seed(self.config.seed, self.name, "fire", self.global_step),
-                          return_states=True)
+        states = self.lattice(x, steps, seed=derive_seed(self.config.seed, self.name, "fire", self.global_step),
+                              return_states=True)
         y = states[-1]
         last = states[-min(t.loss_steps, steps):]
         rgba, overflow = (torch.stack(v).mean(0) for v in zip(*(self.losses(s) for s in last)))
@@ -159,6 +164,8 @@ class GrowthTrainer:
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
+        if self.averaged is not None:
+            self.averaged.update_parameters(self.lattice)
         self.pool.put(idx, y)
         self.global_step += 1
         return {"loss": loss.item(), "rgba_loss": rgba.mean().item(), "overflow_loss": overflow.mean().item(),
@@ -221,11 +228,11 @@ class GrowthTrainer:
         across axis i % 3, see ``pool.axis_normals``) and runs them a horizon (regeneration).
         ``frames``: also keep sample 0's state after every step of each stage."""
         n, T = samples or self.config.eval.samples, self.config.horizon
-        self.lattice.eval()
+        lattice = self.eval_lattice.eval()
         seed = functools.partial(derive_seed, self.config.seed, self.name, "eval")
 
         def stage(x, key):
-            states = self.run(x, T, seed(key), return_states=frames)
+            states = lattice(x, T, seed=seed(key), return_states=frames)
             if not frames:
                 return states, []
             return states[-1], [s[0].cpu() for s in states]
@@ -250,6 +257,8 @@ class GrowthTrainer:
         tensors.update(opt_tensors)
         tensors.update({"rng/generator": self.generator.get_state(), "pool/states": self.pool.states,
                         "target": self.target})
+        if self.averaged is not None:
+            tensors.update({f"ema/{k}": v for k, v in self.averaged.state_dict().items()})
         meta = {"kind": "growth", "step": self.global_step, "config": config_to_dict(self.config),
                 "target": self.target_spec, "optimizer": opt_json, "scheduler": self.scheduler.state_dict(),
                 "train_seconds": self.train_seconds, "train_cpu_seconds": self.train_cpu_seconds,
@@ -271,8 +280,11 @@ class GrowthTrainer:
     def _restore(self, meta: dict, tensors: dict[str, torch.Tensor]):
         where = meta["path"]
         state = {k[len("lattice/"):]: v for k, v in tensors.items() if k.startswith("lattice/")}
+        ema = {k[len("ema/"):]: v for k, v in tensors.items() if k.startswith("ema/")}
         try:
             self.lattice.load_state_dict(state)
+            if self.averaged is not None and ema:  # none: train.ema was off before a forced resume; it starts here
+                self.averaged.load_state_dict(ema)
         except RuntimeError as exc:
             raise CheckpointError(f"checkpoint {where} does not fit this lattice: {exc}") from None
         if tensors["pool/states"].shape != self.pool.states.shape:
