@@ -108,6 +108,25 @@ def test_alive_masking_matches_reference(lattice, neighbourhood, boundary, fire_
     assert dead.any() and not dead.all(), "the test needs both dead and living cells"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_nan_in_a_block_kills_it_as_max_pool3d_does(dtype):
+    """SPEC's alive() is max_pool3d(...) > t, and max_pool3d lets a NaN win its block: the cells
+    whose block holds the NaN die (their state times 0) even where a neighbour is above t. With the
+    von Neumann stencil the NaN reaches only the face neighbours in one step, so the block's
+    corners show the rule: dead, and 0, not NaN."""
+    lattice = harness.Lattice(1, 4, 5, 6)
+    x, inject, params = inputs(lattice, C, F, "von_neumann", 0, alive_channel=1)
+    x[..., 1] = 0.5  # every block alive but the NaN's
+    x[0, 2, 2, 3, 1] = float("nan")
+    x, params = x.to(dtype), {n: p.to(dtype) for n, p in params.items()}
+    kw = dict(neighbourhood="von_neumann", boundary="zero", fire_rate=1.0, alive_channel=1, seed=7)
+    out = rollout(x, None, params, 1, all_states=True, **kw)[0]
+    ref = reference_rollout(x, None, params, 1, **kw)[0]
+    torch.testing.assert_close(out, ref, equal_nan=True)
+    assert (out[0, 1:4, 1:4, 2:5] == 0).all(-1).sum() == 27 - 7  # the block but the NaN and its faces
+    assert out[0, 2, 2, 3].isnan().all()
+
+
 def test_results_do_not_depend_on_the_thread_count():
     """Forward and every gradient bit for bit the same on one thread and on two."""
     kw = dict(neighbourhood="moore", boundary="periodic", fire_rate=0.5)
