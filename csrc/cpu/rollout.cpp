@@ -97,12 +97,13 @@ at::Tensor injected(const at::Tensor& x, const c10::optional<at::Tensor>& inject
   return out;
 }
 
-// Alive masking in place of SPEC's max_pool3d formula (which cost two ATen pooling calls, a strided
-// copy and a broadcast multiply per step: 9% of a growth forward). Each cell gets a code, 0 (channel
-// `a` at most the threshold), 1 (above) or 2 (NaN); the max of the codes over the 3x3x3 block,
-// clipped at the faces as max_pool3d's padding is, is 1 exactly where max_pool3d's max is above
-// the threshold: max_pool3d lets a NaN win its window, and NaN > t is false. The threshold is
-// rounded to the state's dtype, as the reference's comparison rounds it.
+// Alive masking in place of SPEC's max_pool3d formula (two ATen pooling calls, a strided copy and
+// a broadcast multiply per step were about a quarter of a growth forward: docs/performance.md).
+// Each cell gets a code, 0 (channel `a` at most the threshold), 1 (above) or 2 (NaN); the max of
+// the codes over the 3x3x3 block, clipped at the faces as max_pool3d's padding is, is 1 exactly
+// where max_pool3d's max is above the threshold: max_pool3d lets a NaN win its window, and
+// NaN > t is false. The threshold is rounded to the state's dtype, as the reference's comparison
+// rounds it.
 class AliveMask {
  public:
   AliveMask(const at::Tensor& x, int64_t a, double threshold)
@@ -116,15 +117,18 @@ class AliveMask {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "cube::rollout", [&] {
       const scalar_t* front = nullptr;
       int64_t E = 0;
-      if (inject.defined() && a_ < inject.size(-1)) front = inject.data_ptr<scalar_t>(), E = inject.size(-1);
+      if (inject.defined() && a_ < inject.size(-1)) {
+        front = inject.data_ptr<scalar_t>();
+        E = inject.size(-1);
+      }
       const int64_t planes = B_ * D_, HW = H_ * W_;
       const int64_t grain = rows_per_task(HW * C_);
       at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
         std::vector<uint8_t> scratch(2 * HW);
         for (int64_t p = begin; p < end; ++p) {
           const bool injected_plane = front != nullptr && p % D_ == 0;
-          plane_max<scalar_t>(x.data_ptr<scalar_t>(), p, injected_plane ? front + (p / D_) * HW * E : nullptr, E,
-                    scratch.data(), pre_);
+          const scalar_t* face = injected_plane ? front + (p / D_) * HW * E : nullptr;
+          plane_max<scalar_t>(x.data_ptr<scalar_t>(), p, face, E, scratch.data(), pre_);
           plane_max<scalar_t>(x_new.data_ptr<scalar_t>(), p, nullptr, 0, scratch.data(), post_);
         }
       });
@@ -173,7 +177,8 @@ class AliveMask {
   }
 
   // The max over planes lo, p, hi (p's neighbours in depth, or p itself at a face) at cell i.
-  uint8_t depth_max(const std::vector<uint8_t>& m, int64_t lo, int64_t p, int64_t hi, int64_t i) const {
+  uint8_t depth_max(const std::vector<uint8_t>& m, int64_t lo, int64_t p, int64_t hi,
+                    int64_t i) const {
     const int64_t HW = H_ * W_;
     return std::max({m[lo * HW + i], m[p * HW + i], m[hi * HW + i]});
   }
