@@ -230,14 +230,15 @@ def test_saves_the_states_only_and_nothing_without_grad_or_in_inference_mode():
     torch.testing.assert_close(last, outs[-1:], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("alive_channel", [None, 1])
 @pytest.mark.parametrize("shape", [(1, 2, 0, 3), (0, 2, 3, 3)], ids=str)
-def test_empty_lattice(shape):
+def test_empty_lattice(shape, alive_channel):
     """No cells: empty states, an empty state gradient and zero weight gradients."""
     x, _, params = inputs(harness.Lattice(*shape), 5, 6, "von_neumann", 0)
     x = x.float().requires_grad_()
     params = {n: p.float().requires_grad_() for n, p in params.items()}
     outs = rollout(x, None, params, 2, all_states=True, seed=1, neighbourhood="von_neumann",
-                   boundary="zero", fire_rate=1.0)
+                   boundary="zero", fire_rate=1.0, alive_channel=alive_channel)
     assert outs.shape == (2, *x.shape)
     grads = torch.autograd.grad(outs.sum(), [x, *params.values()])
     assert grads[0].shape == x.shape

@@ -123,20 +123,23 @@ class AliveMask {
       }
       const int64_t planes = B_ * D_, HW = H_ * W_;
       const int64_t grain = rows_per_task(HW * C_);
+      const scalar_t* in = x.data_ptr<scalar_t>();
+      scalar_t* out_all = x_new.data_ptr<scalar_t>();
+      bool* keep_all = keep.data_ptr<bool>();
       at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
         std::vector<uint8_t> scratch(2 * HW);
         for (int64_t p = begin; p < end; ++p) {
           const bool injected_plane = front != nullptr && p % D_ == 0;
           const scalar_t* face = injected_plane ? front + (p / D_) * HW * E : nullptr;
-          plane_max<scalar_t>(x.data_ptr<scalar_t>(), p, face, E, scratch.data(), pre_);
-          plane_max<scalar_t>(x_new.data_ptr<scalar_t>(), p, nullptr, 0, scratch.data(), post_);
+          plane_max<scalar_t>(in, p, face, E, scratch.data(), pre_);
+          plane_max<scalar_t>(out_all, p, nullptr, 0, scratch.data(), post_);
         }
       });
       at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
         for (int64_t p = begin; p < end; ++p) {
           const int64_t d = p % D_, lo = d > 0 ? p - 1 : p, hi = d + 1 < D_ ? p + 1 : p;
-          bool* k = keep.data_ptr<bool>() + p * HW;
-          scalar_t* out = x_new.data_ptr<scalar_t>() + p * HW * C_;
+          bool* k = keep_all + p * HW;
+          scalar_t* out = out_all + p * HW * C_;
           for (int64_t i = 0; i < HW; ++i) {
             k[i] = depth_max(pre_, lo, p, hi, i) == 1 && depth_max(post_, lo, p, hi, i) == 1;
             if (!k[i])
