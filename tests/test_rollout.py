@@ -26,11 +26,13 @@ def reference_rollout(x, inject, params, steps, *, seed, **kw):
     return torch.stack(outs)
 
 
-def inputs(lattice, C, F, neighbourhood, E, alive_channel=None):
+def inputs(lattice, C, F, neighbourhood, E, alive_channel=None, empty_from=None):
     """With ``alive_channel``, the alive channel is nonzero only in the first half of the
     lattice's longest axis (like bench/config.py's front half of the depth): some cells die, some
-    survive."""
+    survive. With ``empty_from``, the planes from that depth on are all zeros (empty space)."""
     x = harness.randn(*lattice.shape, C, seed=1)
+    if empty_from is not None:
+        x[:, empty_from:] = 0
     if alive_channel is not None:
         sizes = lattice.shape[1:]
         axis = max(range(3), key=lambda i: sizes[i])
@@ -49,11 +51,11 @@ def run_and_grads(x, inject, params, steps, kw, fn):
 
 
 def check_against_reference(dtype, lattice, neighbourhood, boundary, E, fire_rate,
-                            alive_channel=None):
+                            alive_channel=None, empty_from=None):
     """Every output state and every gradient of three steps; the states, with alive masking."""
     kw = dict(neighbourhood=neighbourhood, boundary=boundary, fire_rate=fire_rate,
               alive_channel=alive_channel)
-    x, inject, params = inputs(lattice, C, F, neighbourhood, E, alive_channel)
+    x, inject, params = inputs(lattice, C, F, neighbourhood, E, alive_channel, empty_from)
     low_x, low_inject = (None if t is None else t.to(dtype).requires_grad_() for t in (x, inject))
     low_params = {n: p.to(dtype).requires_grad_() for n, p in params.items()}
     exact_x, exact_inject = (None if t is None else t.detach().double().requires_grad_()
@@ -106,6 +108,72 @@ def test_alive_masking_matches_reference(lattice, neighbourhood, boundary, fire_
                                    alive_channel=1)
     dead = (outs == 0).all(-1)
     assert dead.any() and not dead.all(), "the test needs both dead and living cells"
+
+
+# The planes the op skips (csrc/cpu/rollout.cpp, "Skipping quiet planes"): with alive masking,
+# those whose neighbourhood holds only zeros; backward, those whose neighbourhood's output
+# gradient is 0. Batch 2 of 13 planes: two chunks per item, so a chunk can be quiet in part.
+QUIET = harness.Lattice(2, 13, 3, 2)
+
+
+@pytest.mark.parametrize("neighbourhood,boundary", harness.STENCILS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_empty_planes_match_reference(dtype, neighbourhood, boundary):
+    """Growth's lattice: the planes from 7 on are empty, the alive channel nonzero up to 6."""
+    outs = check_against_reference(dtype, QUIET, neighbourhood, boundary, 0, 0.5, alive_channel=1,
+                                   empty_from=7)
+    assert (outs[:, :, 10:] == 0).all() and outs[:, :, :7].ne(0).any()
+
+
+@pytest.mark.parametrize("neighbourhood,boundary", [("von_neumann", "periodic"), ("moore", "zero")])
+def test_gradcheck_float64_with_empty_planes(neighbourhood, boundary):
+    lattice = harness.Lattice(1, 6, 2, 3)
+    x, inject, params = inputs(lattice, 3, 2, neighbourhood, 0, alive_channel=2, empty_from=3)
+    names = list(params)
+
+    def fn(x, *ps):
+        return rollout(x, None, dict(zip(names, ps)), 2, seed=4, neighbourhood=neighbourhood,
+                       boundary=boundary, fire_rate=0.7, all_states=True, alive_channel=2)
+
+    leaves = [t.requires_grad_() for t in (x, *params.values())]
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("neighbourhood,boundary", harness.STENCILS)
+@pytest.mark.parametrize("poisoned", [False, True])
+def test_a_back_face_readout_matches_reference(neighbourhood, boundary, poisoned):
+    """A loss on the last state's back face only, as the trainer's readout: going back step by
+    step, the gradient is 0 on the planes it has not reached, whose terms the backward skips.
+    Poisoned: an Inf in plane 3's state spreads NaN over planes 0-6 where the gradient is 0, which
+    makes the reference's dw_out NaN (h^T d_delta: NaN * 0), and the op must compute those planes
+    to agree (gradient by gradient: where in dx the NaNs land differs between the two)."""
+    x, inject, params = inputs(QUIET, C, F, neighbourhood, 2)
+    if poisoned:
+        x[1, 3, 1, 1, 3] = float("inf")
+    kw = dict(neighbourhood=neighbourhood, boundary=boundary, fire_rate=0.5, seed=7)
+    weight = harness.randn(QUIET.B, QUIET.H, QUIET.W, C, seed=3)
+    grads = []
+    for fn in (lambda *a: rollout(*a, all_states=True, **kw), lambda *a: reference_rollout(*a, **kw)):
+        leaves = [t.clone().requires_grad_() for t in (x, inject, *params.values())]
+        outs = fn(leaves[0], leaves[1], dict(zip(params, leaves[2:])), 3)
+        grads.append(torch.autograd.grad((outs[-1, :, -1] * weight).sum(), leaves))
+    for name, g, g_ref in zip(["x", "inject", *PARAM_NAMES], *grads):
+        if poisoned:
+            assert g.isnan().any() == g_ref.isnan().any(), f"d{name}"
+        else:
+            harness.assert_close(g, g_ref, torch.float64, f"d{name}")
+    assert grads[0][PARAM_NAMES.index("w_out") + 2].isnan().any() == poisoned
+
+
+def test_non_finite_weights_leave_no_plane_skipped():
+    """A quiet plane's output is 0 only for finite weights: with a NaN bias every firing cell's
+    update is NaN, and the empty planes turn NaN (NaN * 0) as in the reference."""
+    x, _, params = inputs(QUIET, C, F, "moore", 0, alive_channel=1, empty_from=7)
+    params["b_out"][0] = float("nan")
+    kw = dict(neighbourhood="moore", boundary="zero", fire_rate=1.0, alive_channel=1, seed=7)
+    out = rollout(x, None, params, 2, all_states=True, **kw)
+    torch.testing.assert_close(out, reference_rollout(x, None, params, 2, **kw), equal_nan=True)
+    assert out[:, :, 10:].isnan().any()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

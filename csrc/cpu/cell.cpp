@@ -21,6 +21,9 @@
 // state is stored in its dtype. float64 (gradcheck) runs the same plan with a plain loop GEMM.
 // Weight gradients: one partial sum per task, in a fixed row order, added in task order; the
 // tasks depend on the shapes only, so every bit of them is the same for any thread count.
+// Planes the caller knows to be zero (`live`, cpu/rollout.cpp "Skipping quiet planes") are
+// written as zeros, and a plane is projected (forward) or run through stage A (backward) only
+// where a computed plane reads it.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -272,12 +275,20 @@ struct Step {
   int64_t step;
   float fire_rate;
   int64_t chunks;  // per batch item
+  LivePlanes live;
+
+  // Whether plane d of item b is computed.
+  bool computes(int64_t b, int64_t d) const { return live == nullptr || live[b * D + d] != 0; }
+
+  // Whether the unwrapped plane e is read by a computed plane of item b's chunk [d0, d1).
+  bool feeds(int64_t b, int64_t e, int64_t d0, int64_t d1) const {
+    for (int64_t d = std::max(e - 1, d0); d <= std::min(e + 1, d1 - 1); ++d)
+      if (computes(b, d)) return true;
+    return false;
+  }
 
   // The plane that the unwrapped index e stands for, or -1 outside a zero boundary.
-  int64_t plane(int64_t e) const {
-    if (e >= 0 && e < D) return e;
-    return boundary == kPeriodic ? (e % D + D) % D : -1;
-  }
+  int64_t plane(int64_t e) const { return boundary_plane(e, D, boundary); }
 
   bool fires(int64_t b, int64_t d, int64_t q) const {
     return cube::fires(seed, step, B, b, D * P, d * P + q, fire_rate);
@@ -358,7 +369,7 @@ struct ForwardTasks {
       s.chunk(task, b, d0, d1);
       for (int64_t e = d0 - 1; e <= d1; ++e) {
         const int64_t pe = s.plane(e);
-        if (pe >= 0) {
+        if (pe >= 0 && s.feeds(b, e, d0, d1)) {
           acc_t* z = ring_slot(ring, slot, e, d0);
           acc_t* vn = z + P * 2 * F;
           s.project_plane(b, pe, y, z, buf);
@@ -371,6 +382,11 @@ struct ForwardTasks {
         }
         const int64_t d = e - 1;  // plane d has its neighbours now
         if (d < d0) continue;
+        if (!s.computes(b, d)) {
+          scalar_t* o = out + (b * s.D + d) * P * C;
+          std::fill(o, o + P * C, scalar_t(0));
+          continue;
+        }
         acc_t* planes[3];
         for (int i = 0; i < 3; ++i)
           planes[i] = s.plane(d - 1 + i) < 0 ? nullptr
@@ -447,7 +463,7 @@ struct BackwardTasks {
       for (int i = 0; i < kNumCellParams; ++i) pg[i] = part + layout.offset[i];
       for (int64_t e = d0 - 1; e <= d1; ++e) {
         const int64_t pe = s.plane(e);
-        if (pe >= 0) {  // stage A
+        if (pe >= 0 && s.feeds(b, e, d0, d1)) {  // stage A
           acc_t* sl = ring_slot(ring, slot, e, d0);
           acc_t *u = sl + u_at, *vn = sl + vn_at, *d_delta = sl + dd_at, *dh = sl + dh_at;
           acc_t* dg = sl + dg_at;
@@ -481,6 +497,11 @@ struct BackwardTasks {
         }
         const int64_t d = e - 1;  // stage B
         if (d < d0) continue;
+        if (!s.computes(b, d)) {
+          acc_t* o = dx + (b * s.D + d) * P * C;
+          std::fill(o, o + P * C, acc_t(0));
+          continue;
+        }
         acc_t* sl = ring_slot(ring, slot, d, d0);
         const acc_t *u = sl + u_at, *d_delta = sl + dd_at, *dh = sl + dh_at, *dg = sl + dg_at;
         acc_t *vn_planes[3], *dg_planes[3];
@@ -540,7 +561,7 @@ struct BackwardTasks {
 // The operands common to both directions.
 template <typename scalar_t>
 Step<scalar_t> make_step(const at::Tensor& x, const CellParams& p, const CellConfig& cfg,
-                         int64_t step) {
+                         int64_t step, LivePlanes live) {
   using acc_t = at::opmath_type<scalar_t>;
   Step<scalar_t> s{};
   s.B = x.size(0), s.D = x.size(1), s.H = x.size(2), s.W = x.size(3), s.C = x.size(4);
@@ -558,16 +579,17 @@ Step<scalar_t> make_step(const at::Tensor& x, const CellParams& p, const CellCon
   s.seed = static_cast<uint64_t>(cfg.seed), s.step = step;
   s.fire_rate = static_cast<float>(cfg.fire_rate);
   s.chunks = chunks_per_item(s.B, s.D);
+  s.live = live;
   return s;
 }
 
 }  // namespace
 
 void cell_forward(const at::Tensor& x, const at::Tensor& inject, const CellParams& p,
-                  const CellConfig& cfg, int64_t step, const at::Tensor& out) {
+                  const CellConfig& cfg, int64_t step, const at::Tensor& out, LivePlanes live) {
   if (x.numel() == 0) return;  // no cells (or no channels): nothing to compute
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "cube::cell_forward", [&] {
-    Step<scalar_t> s = make_step<scalar_t>(x, p, cfg, step);
+    Step<scalar_t> s = make_step<scalar_t>(x, p, cfg, step, live);
     if (inject.defined()) s.inject = inject.const_data_ptr<scalar_t>(), s.E = inject.size(-1);
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, s.B * s.chunks, 1, [&](int64_t begin, int64_t end) {
@@ -577,11 +599,11 @@ void cell_forward(const at::Tensor& x, const at::Tensor& inject, const CellParam
 }
 
 at::Tensor cell_backward(const at::Tensor& grad, const at::Tensor& x, const CellParams& p,
-                         const CellConfig& cfg, int64_t step, CellParams& dp) {
+                         const CellConfig& cfg, int64_t step, CellParams& dp, LivePlanes live) {
   at::Tensor dx = at::empty(x.sizes(), x.options());
   if (x.numel() == 0) return dx;  // no cells: no gradient to add
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cube::cell_backward", [&] {
-    Step<scalar_t> s = make_step<scalar_t>(x, p, cfg, step);
+    Step<scalar_t> s = make_step<scalar_t>(x, p, cfg, step, live);
     const at::Tensor w_in_t = p[kWIn].t().contiguous(), w_out_t = p[kWOut].t().contiguous();
     s.w_in_t = w_in_t.const_data_ptr<scalar_t>(), s.w_out_t = w_out_t.const_data_ptr<scalar_t>();
     const GradLayout layout(p);

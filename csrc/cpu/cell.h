@@ -8,6 +8,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "cell_math.h"
+
 namespace cube {
 
 struct CellConfig {
@@ -16,6 +18,12 @@ struct CellConfig {
   double fire_rate;
 };
 
+// The plane that the unwrapped d-index e stands for, or -1 beyond a zero boundary.
+inline int64_t boundary_plane(int64_t e, int64_t D, int boundary) {
+  if (e >= 0 && e < D) return e;
+  return boundary == kPeriodic ? (e % D + D) % D : -1;
+}
+
 // The ten parameters, in SPEC's order.
 enum CellParam { kLn1W, kLn1B, kWIn, kBIn, kLn2W, kLn2B, kWSp, kBSp, kWOut, kBOut, kNumCellParams };
 
@@ -23,18 +31,26 @@ enum CellParam { kLn1W, kLn1B, kWIn, kBIn, kLn2W, kLn2B, kWSp, kBSp, kWOut, kBOu
 // float64 for float64).
 using CellParams = std::vector<at::Tensor>;
 
+// `live`, where given (B * D bytes, plane (b, d) at b * D + d), says which d-planes to compute:
+// the others are written as zeros, and a plane is projected only where a live plane reads it.
+// The caller vouches that zero is their result (cpu/rollout.cpp, "Skipping quiet planes").
+// nullptr: every plane.
+using LivePlanes = const uint8_t*;
+
 // x_new = step(inject(x), step) into `out` (x's shape and dtype, contiguous). x: [B, D, H, W, C]
 // contiguous; `inject` ([B, H, W, E], x's dtype, contiguous) or undefined: the first E channels
 // of the front face (d = 0) are read from it instead of x. Every sum in the accumulation type,
 // each output rounded once to x's dtype.
 void cell_forward(const at::Tensor& x, const at::Tensor& inject, const CellParams& p,
-                  const CellConfig& cfg, int64_t step, const at::Tensor& out);
+                  const CellConfig& cfg, int64_t step, const at::Tensor& out,
+                  LivePlanes live = nullptr);
 
 // The backward of one step at the (already injected) state x, both x and `grad` (the gradient
 // of the step's output) contiguous in the accumulation type: returns the gradient of x, the
 // residual included, and adds the weight gradients into `dp` (shapes and dtype of `p`). The
 // weight gradients are summed in an order fixed by the shapes, not by the number of threads.
 at::Tensor cell_backward(const at::Tensor& grad, const at::Tensor& x, const CellParams& p,
-                         const CellConfig& cfg, int64_t step, CellParams& dp);
+                         const CellConfig& cfg, int64_t step, CellParams& dp,
+                         LivePlanes live = nullptr);
 
 }  // namespace cube

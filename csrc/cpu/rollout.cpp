@@ -20,6 +20,7 @@
 // accumulation type: the gradient between steps and the weight gradients summed over the steps
 // are rounded once, at the end, to their tensors' dtypes.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <tuple>
@@ -191,6 +192,55 @@ class AliveMask {
   std::vector<uint8_t> pre_, post_;  // each plane's codes' max over h and w, [B * D, H * W]
 };
 
+// Skipping quiet planes. Where the weights are finite, some d-planes' step results are known
+// without computing them, and the fused cell (its `live` argument) writes zeros there instead:
+//  - forward, with alive masking and no injection: where every plane of d's neighbourhood (d-1, d,
+//    d+1 by the boundary rule) holds only zeros, its output is (0 + delta) * 0 with delta a
+//    function of the weights alone: 0, as no cell of d has an alive cell in reach. The unmasked
+//    output also feeds alive(x_new) of the planes next to d, so d is skipped only where those
+//    are dead whatever it holds: no alpha above the threshold in d-2 to d+2. Growth leaves most
+//    of the lattice empty (docs/growth.md).
+//  - backward: where the masked output gradient is 0 and the state finite on every plane of d's
+//    neighbourhood, each term d adds (its dx, its share of the weight gradients) is 0 times a
+//    finite value. A readout on the back face leaves the far planes' gradients 0 in the last steps.
+// The results then equal the dense computation's but for the sign of zeros (and where finite
+// weights are large enough to overflow, which the dense result would turn into NaN).
+
+// Per (b, d) plane of x ([B, D, H, W, C]): quiet(offset of its first value, values per plane).
+template <typename Quiet>
+std::vector<uint8_t> quiet_planes(const at::Tensor& x, Quiet quiet) {
+  const int64_t planes = x.size(0) * x.size(1), n = x.numel() / std::max<int64_t>(1, planes);
+  std::vector<uint8_t> out(planes);
+  at::parallel_for(0, planes, rows_per_task(n), [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) out[p] = quiet(p * n, n);
+  });
+  return out;
+}
+
+// Sets live[p] for each plane with a plane that is not quiet within `reach` planes of it, by the
+// boundary rule (beyond a zero boundary all is quiet).
+void mark_live(const std::vector<uint8_t>& quiet, int64_t D, int boundary, int64_t reach,
+               std::vector<uint8_t>& live) {
+  live.resize(quiet.size());
+  for (size_t p = 0; p < quiet.size(); ++p) {
+    const int64_t item = static_cast<int64_t>(p) / D * D, d = static_cast<int64_t>(p) % D;
+    for (int64_t e = d - reach; e <= d + reach; ++e) {
+      const int64_t pe = boundary_plane(e, D, boundary);
+      if (pe >= 0 && !quiet[item + pe]) live[p] = 1;
+    }
+  }
+}
+
+bool all_finite(const Params& p) {
+  bool finite = true;
+  for (const at::Tensor& t : p)
+    AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "cube::rollout", [&] {
+      const scalar_t* v = t.const_data_ptr<scalar_t>();
+      finite = finite && std::all_of(v, v + t.numel(), [](scalar_t a) { return std::isfinite(a); });
+    });
+  return finite;
+}
+
 Params cast(const Params& p, at::ScalarType dtype) {
   Params out;
   for (const at::Tensor& t : p) out.push_back(t.to(dtype).contiguous());
@@ -235,10 +285,28 @@ std::tuple<at::Tensor, at::Tensor> rollout_cpu(
   if (!all_states && steps > 1)
     for (at::Tensor& s : between) s = at::empty(x_in.sizes(), x_in.options());
   at::Tensor x = x_in.contiguous();
+  const bool skipping = alive && !inject.defined() && all_finite(p);
   for (int64_t t = 0; t < steps; ++t) {
     const at::Tensor x_new =
         all_states ? outs.select(0, t) : (t == steps - 1 ? outs.select(0, 0) : between[t % 2]);
-    cell_forward(x, inject, p, cfg, t, x_new);
+    std::vector<uint8_t> live;
+    if (skipping)
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "cube::rollout", [&] {
+        const scalar_t* v = x.const_data_ptr<scalar_t>();
+        const int64_t C = x.size(4), a = *alive_channel;
+        const scalar_t t = static_cast<scalar_t>(alive_threshold);  // as AliveMask rounds it
+        const auto zero = [v](int64_t i, int64_t n) {
+          return std::all_of(v + i, v + i + n, [](scalar_t u) { return u == scalar_t(0); });
+        };
+        const auto dead = [v, C, a, t](int64_t i, int64_t n) {  // no alpha above t, and no NaN
+          for (int64_t j = i + a; j < i + n; j += C)
+            if (!(v[j] <= t)) return false;
+          return true;
+        };
+        mark_live(quiet_planes(x, zero), x.size(1), cfg.boundary, 1, live);
+        mark_live(quiet_planes(x, dead), x.size(1), cfg.boundary, 2, live);
+      });
+    cell_forward(x, inject, p, cfg, t, x_new, skipping ? live.data() : nullptr);
     if (alive)
       alive->apply(x, inject, x_new,
                    all_states || t == steps - 1 ? keeps.select(0, all_states ? t : 0) : scratch_keep);
@@ -289,12 +357,23 @@ std::vector<at::Tensor> rollout_backward_cpu(
   Params dp;
   for (const at::Tensor& t : p) dp.push_back(at::zeros_like(t));
   at::Tensor dinject = inject ? at::zeros_like(*inject) : at::empty({0}, x_in.options());
+  const bool skipping = all_finite(p);
   at::Tensor g = grad_in.select(0, steps - 1).to(acc).contiguous();
   for (int64_t t = steps - 1; t >= 0; --t) {
     const at::Tensor prev = t == 0 ? x_in : outs.select(0, t - 1);
     const at::Tensor x = injected(prev.to(acc).contiguous(), inject);
     if (masking) g.mul_(keeps->select(0, t).unsqueeze(-1));
-    g = cell_backward(g, x, p, cfg, t, dp);
+    std::vector<uint8_t> live;
+    if (skipping)
+      AT_DISPATCH_FLOATING_TYPES(acc, "cube::rollout_backward", [&] {
+        const scalar_t *gv = g.const_data_ptr<scalar_t>(), *xv = x.const_data_ptr<scalar_t>();
+        const auto quiet = [gv, xv](int64_t i, int64_t n) {
+          return std::all_of(gv + i, gv + i + n, [](scalar_t a) { return a == 0; }) &&
+                 std::all_of(xv + i, xv + i + n, [](scalar_t a) { return std::isfinite(a); });
+        };
+        mark_live(quiet_planes(x, quiet), x.size(1), cfg.boundary, 1, live);
+      });
+    g = cell_backward(g, x, p, cfg, t, dp, skipping ? live.data() : nullptr);
     if (inject) {  // the injected channels came from `inject`, not from the previous state
       at::Tensor g_front = g.select(1, 0).narrow(-1, 0, E);
       dinject.add_(g_front);
