@@ -195,6 +195,18 @@ def test_the_loss_weights_alpha_by_alpha_weight():
     torch.testing.assert_close(weighted.losses(x)[1], plain.losses(x)[1])
 
 
+def test_the_loss_averages_the_rollouts_last_loss_steps_states():
+    trainer = tiny_trainer(train={"loss_steps": 3})
+    seen, losses = [], trainer.losses
+    trainer.losses = lambda x: seen.append(x.detach().clone()) or losses(x)
+    res = trainer.train_step()
+    _, *last = seen  # the first call ranks the pool's samples before the rollout
+    assert len(last) == 3 and not torch.equal(last[0], last[1]) and not torch.equal(last[1], last[2])
+    assert any(torch.equal(state, last[-1][0]) for state in trainer.pool.states)  # the final state
+    expected = torch.stack([losses(s)[0] for s in last]).mean()
+    assert res["rgba_loss"] == pytest.approx(expected.item(), rel=1e-6)
+
+
 def test_a_tiny_growth_run_learns():
     # 6^3 and short rollouts: 100 steps take ~2 s of one core and grow a fifth to a third of the shape.
     trainer = tiny_trainer("shell", model={"depth": 6, "height": 6, "width": 6},
