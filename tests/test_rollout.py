@@ -128,7 +128,7 @@ def test_empty_planes_match_reference(dtype, neighbourhood, boundary):
 @pytest.mark.parametrize("neighbourhood,boundary", [("von_neumann", "periodic"), ("moore", "zero")])
 def test_gradcheck_float64_with_empty_planes(neighbourhood, boundary):
     lattice = harness.Lattice(1, 6, 2, 3)
-    x, inject, params = inputs(lattice, 3, 2, neighbourhood, 0, alive_channel=2, empty_from=3)
+    x, _, params = inputs(lattice, 3, 2, neighbourhood, 0, alive_channel=2, empty_from=3)
     names = list(params)
 
     def fn(x, *ps):

@@ -111,10 +111,9 @@ class AliveMask {
       : B_(x.size(0)), D_(x.size(1)), H_(x.size(2)), W_(x.size(3)), C_(x.size(4)), a_(a),
         threshold_(threshold), pre_(B_ * D_ * H_ * W_), post_(pre_.size()) {}
 
-  // keep = alive(x) & alive(x_new), x with `inject` (or undefined) as its front face's first
-  // channels; x_new's cells outside keep are multiplied by 0 (a NaN stays NaN, as in SPEC).
-  void apply(const at::Tensor& x, const at::Tensor& inject, const at::Tensor& x_new,
-             const at::Tensor& keep) {
+  // alive(x)'s codes, x with `inject` (or undefined) as its front face's first channels; before
+  // the step, so that `dead_planes` can tell the step which planes to skip.
+  void read_input(const at::Tensor& x, const at::Tensor& inject) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "cube::rollout", [&] {
       const scalar_t* front = nullptr;
       int64_t E = 0;
@@ -122,19 +121,41 @@ class AliveMask {
         front = inject.data_ptr<scalar_t>();
         E = inject.size(-1);
       }
-      const int64_t planes = B_ * D_, HW = H_ * W_;
-      const int64_t grain = rows_per_task(HW * C_);
       const scalar_t* in = x.data_ptr<scalar_t>();
-      scalar_t* out_all = x_new.data_ptr<scalar_t>();
-      bool* keep_all = keep.data_ptr<bool>();
-      at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
+      const int64_t HW = H_ * W_;
+      at::parallel_for(0, B_ * D_, rows_per_task(HW * C_), [&](int64_t begin, int64_t end) {
         std::vector<uint8_t> scratch(2 * HW);
         for (int64_t p = begin; p < end; ++p) {
           const bool injected_plane = front != nullptr && p % D_ == 0;
           const scalar_t* face = injected_plane ? front + (p / D_) * HW * E : nullptr;
           plane_max<scalar_t>(in, p, face, E, scratch.data(), pre_);
-          plane_max<scalar_t>(out_all, p, nullptr, 0, scratch.data(), post_);
         }
+      });
+    });
+  }
+
+  // Per (b, d) plane of the input read last: 1 where no cell has alpha above the threshold or NaN.
+  std::vector<uint8_t> dead_planes() const {
+    const int64_t HW = H_ * W_;
+    std::vector<uint8_t> dead(B_ * D_);
+    for (int64_t p = 0; p < B_ * D_; ++p)
+      dead[p] = std::all_of(pre_.begin() + p * HW, pre_.begin() + (p + 1) * HW,
+                            [](uint8_t c) { return c == 0; });
+    return dead;
+  }
+
+  // keep = alive(x) & alive(x_new), x the input read last; x_new's cells outside keep are
+  // multiplied by 0 (a NaN stays NaN, as in SPEC).
+  void apply(const at::Tensor& x_new, const at::Tensor& keep) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_new.scalar_type(), "cube::rollout", [&] {
+      const int64_t planes = B_ * D_, HW = H_ * W_;
+      const int64_t grain = rows_per_task(HW * C_);
+      scalar_t* out_all = x_new.data_ptr<scalar_t>();
+      bool* keep_all = keep.data_ptr<bool>();
+      at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
+        std::vector<uint8_t> scratch(2 * HW);
+        for (int64_t p = begin; p < end; ++p)
+          plane_max<scalar_t>(out_all, p, nullptr, 0, scratch.data(), post_);
       });
       at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
         for (int64_t p = begin; p < end; ++p) {
@@ -289,27 +310,21 @@ std::tuple<at::Tensor, at::Tensor> rollout_cpu(
   for (int64_t t = 0; t < steps; ++t) {
     const at::Tensor x_new =
         all_states ? outs.select(0, t) : (t == steps - 1 ? outs.select(0, 0) : between[t % 2]);
+    if (alive) alive->read_input(x, inject);
     std::vector<uint8_t> live;
-    if (skipping)
+    if (skipping) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "cube::rollout", [&] {
         const scalar_t* v = x.const_data_ptr<scalar_t>();
-        const int64_t C = x.size(4), a = *alive_channel;
-        const scalar_t t = static_cast<scalar_t>(alive_threshold);  // as AliveMask rounds it
         const auto zero = [v](int64_t i, int64_t n) {
           return std::all_of(v + i, v + i + n, [](scalar_t u) { return u == scalar_t(0); });
         };
-        const auto dead = [v, C, a, t](int64_t i, int64_t n) {  // no alpha above t, and no NaN
-          for (int64_t j = i + a; j < i + n; j += C)
-            if (!(v[j] <= t)) return false;
-          return true;
-        };
         mark_live(quiet_planes(x, zero), x.size(1), cfg.boundary, 1, live);
-        mark_live(quiet_planes(x, dead), x.size(1), cfg.boundary, 2, live);
       });
+      mark_live(alive->dead_planes(), x.size(1), cfg.boundary, 2, live);
+    }
     cell_forward(x, inject, p, cfg, t, x_new, skipping ? live.data() : nullptr);
     if (alive)
-      alive->apply(x, inject, x_new,
-                   all_states || t == steps - 1 ? keeps.select(0, all_states ? t : 0) : scratch_keep);
+      alive->apply(x_new, all_states || t == steps - 1 ? keeps.select(0, all_states ? t : 0) : scratch_keep);
     x = x_new;
   }
   return {outs, keeps};
