@@ -177,6 +177,25 @@ def test_config_is_checked():
             config_from_dict(bad)
 
 
+def test_per_target_settings_change_only_their_target(tmp_path):
+    data = {**TINY, "per_target": {"tree": ["train.damaged=2", "model.hidden=12"]}}
+    tree, torus = GrowthTrainer(config_from_dict(data), "tree"), GrowthTrainer(config_from_dict(data), "torus")
+    assert (tree.config.train.damaged, tree.config.model.hidden, tree.config.per_target) == (2, 12, {})
+    assert (torus.config.train.damaged, torus.config.model.hidden) == (1, 16)
+    assert tree.lattice.cell.w_in.shape != torus.lattice.cell.w_in.shape
+    for settings, match in [({"cube": ["train.damaged=2"]}, r"per_target.cube': is not a target"),
+                            ({"tree": ["train.damaged=4"]}, r"per_target.tree: config key 'train.damaged'"),
+                            ({"tree": ["seed=1"]}, "model.*, train.* and eval.* only"),
+                            ({"tree": "train.damaged=2"}, "'per_target.tree' must be a list")]:
+        with pytest.raises(ConfigError, match=match):
+            config_from_dict({**TINY, "per_target": settings})
+    config = tmp_path / "grow.yaml"
+    config.write_text(json.dumps({**data, "train": {**TINY["train"], "steps": 1}, "per_target": {
+        "torus": ["train.damaged=2"], "tree": ["train.rollout_max=8"]}}))
+    assert cli.main(["--config", str(config), "--target", "tree", "--out-dir", str(tmp_path / "run")]) == 0
+    assert load_config(tmp_path / "run" / "tree" / "config.yaml").train.rollout_max == 8
+
+
 def tiny_trainer(target="torus", **sections):
     data = {k: dict(v) for k, v in TINY.items()}
     for key, value in sections.items():

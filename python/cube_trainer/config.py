@@ -153,6 +153,11 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}' must be a list, got {type(value).__name__} {value!r}")
         return [_check_value(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {type(value).__name__} {value!r}")
+        return {_check_value(f"{key} (a key)", k, args[0]): _check_value(f"{key}.{k}", v, args[1])
+                for k, v in value.items()}
     # bool is an int subclass: reject it where a number is expected, and numbers where a bool is.
     if tp is bool:
         ok = isinstance(value, bool)

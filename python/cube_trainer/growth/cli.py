@@ -53,7 +53,8 @@ def results_table(cfg: GrowConfig, rows: list[dict]) -> str:
     head = (f"Growth on a {m.depth}x{m.height}x{m.width} lattice (C={m.channels}, F={m.hidden}, {m.neighbourhood}, "
             f"fire rate {m.fire_rate}, alive masking), horizon T={T} steps"
             + (f", grown with the weights' moving average (decay {cfg.train.ema})" if cfg.train.ema else "")
-            + f"; voxel IoU of the opaque cells against the target, mean [min] over {cfg.eval.samples} rollouts")
+            + f"; voxel IoU of the opaque cells against the target, mean [min] over {cfg.eval.samples} rollouts"
+            + "".join(f"; {name} with {', '.join(s)}" for name, s in cfg.per_target.items() if s))
     cols = ["target", "cells", "steps", "train s (CPU s)"] + [label for _, label in STAGES]
     lines = [head, "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
@@ -84,6 +85,7 @@ def _grow(args) -> int:
         if unknown:
             raise ConfigError(f"--target {unknown[0]!r} is not a target of the config ({', '.join(known)})")
         cfg.targets = [known[t] for t in args.target]
+        cfg.per_target = {t: s for t, s in cfg.per_target.items() if t in args.target}
     out = Path(cfg.out_dir)
     trainers = []
     for target in cfg.targets:  # every run directory is checked before anything is trained or replaced
@@ -102,27 +104,27 @@ def _grow(args) -> int:
     rows = []
     for trainer in trainers:
         run_dir = out / trainer.name
-        m = cfg.model
+        m, t = trainer.config.model, trainer.config.train
         print(f"{trainer.name}: {int(occupied(trainer.target).sum())} target cells in {m.depth}x{m.height}x{m.width}, "
               f"seed cell {trainer.seed_cell}, {sum(p.numel() for p in trainer.lattice.parameters()):,} parameters, "
-              f"{cfg.train.steps} steps of {cfg.train.batch_size} rollouts of {cfg.train.rollout_min}-"
-              f"{cfg.train.rollout_max} lattice steps")
+              f"{t.steps} steps of {t.batch_size} rollouts of {t.rollout_min}-{t.rollout_max} lattice steps"
+              + "".join(f", {s}" for s in cfg.per_target.get(trainer.name, [])))
         trainer.fit(run_dir, stop_after=args.stop_after)
-        if trainer.global_step < cfg.train.steps:
+        if trainer.global_step < t.steps:
             print(f"{trainer.name}: stopped at step {trainer.global_step}/{cfg.train.steps}; continue with "
                   f"cube-grow --resume {out}")
             continue
         tic = time.perf_counter()
-        ev = trainer.evaluate(frames=cfg.eval.pictures)
+        ev = trainer.evaluate(frames=trainer.config.eval.pictures)
         row = {"target": trainer.name, "cells": int(occupied(trainer.target).sum()), "steps": trainer.global_step,
                "train_seconds": trainer.train_seconds, "train_cpu_seconds": trainer.train_cpu_seconds,
                **ev.summary(),
                "iou_per_sample": {k: getattr(ev, k).tolist() for k, _ in STAGES}, "load_average": _load()}
         write_text_atomic(run_dir / "result.json", json.dumps(row, indent=1))
-        if cfg.eval.pictures:
+        if trainer.config.eval.pictures:
             pictures(trainer, ev, run_dir)
         print(f"{trainer.name}: " + ", ".join(f"{label} {row[f'iou_{k}']:.3f}" for k, label in STAGES)
-              + f" ({time.perf_counter() - tic:.0f} s to evaluate{' and draw' if cfg.eval.pictures else ''}; "
+              + f" ({time.perf_counter() - tic:.0f} s to evaluate{' and draw' if trainer.config.eval.pictures else ''}; "
               f"{run_dir})")
         rows.append(row)
     if rows:
@@ -145,6 +147,7 @@ def main(argv=None) -> int:
                "  cube-grow --config configs/grow.yaml                  # every target in turn\n"
                "  cube-grow --config configs/grow.yaml --target torus   # one of them\n"
                "  cube-grow --config configs/grow.yaml --set 'targets=[my_shape.npy]'\n"
+               "  cube-grow --config configs/grow.yaml --set 'per_target.tree=[train.steps=3000]'  # one target's settings\n"
                "  cube-grow --resume runs/grow                          # continue from the checkpoints")
     p.add_argument("--config", metavar="FILE", help="YAML config (see configs/grow.yaml and docs/growth.md)")
     p.add_argument("--target", action="append", metavar="NAME",

@@ -12,7 +12,8 @@ from pathlib import Path
 from cube_kernels.backends import BACKENDS
 from cube_kernels.neighbourhood import BOUNDARIES, NEIGHBOURHOODS
 
-from ..config import ConfigError, _choices, _require, apply_overrides, dataclass_from_dict, read_yaml
+from ..config import (ConfigError, _choices, _require, apply_overrides, dataclass_from_dict, parse_override,
+                      read_yaml)
 from .targets import BUILTIN
 
 RGBA = 4
@@ -68,6 +69,8 @@ class GrowConfig:
     device: str = "cpu"               # cpu | cuda | cuda:N
     out_dir: str = "runs/grow"
     targets: list[str] = field(default_factory=lambda: list(BUILTIN))
+    # KEY=VALUE settings (model.*, train.*, eval.*) of one target, by its name: {tree: [train.damaged=2]}
+    per_target: dict[str, list[str]] = field(default_factory=dict)
     model: GrowModelConfig = field(default_factory=GrowModelConfig)
     train: GrowTrainConfig = field(default_factory=GrowTrainConfig)
     eval: GrowEvalConfig = field(default_factory=GrowEvalConfig)
@@ -112,7 +115,25 @@ def validate(cfg: GrowConfig) -> GrowConfig:
              f"two targets share a name (each one's run directory): {cfg.targets}")
     _require(re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device) is not None, "device",
              f"must be cpu, cuda or cuda:N, got {cfg.device!r}")
+    names = [target_name(n) for n in cfg.targets]
+    for name, settings in cfg.per_target.items():
+        _require(name in names, f"per_target.{name}", f"is not a target of the config ({', '.join(names)})")
+        for text in settings:
+            _require(parse_override(text)[0][0] in ("model", "train", "eval"), f"per_target.{name}",
+                     f"{text!r}: a target's settings can change model.*, train.* and eval.* only")
+        target_config(cfg, name)
     return cfg
+
+
+def target_config(cfg: GrowConfig, name: str) -> GrowConfig:
+    """The config that target ``name`` trains with: ``cfg`` with its ``per_target`` settings
+    applied (and no ``per_target`` of its own)."""
+    data = config_to_dict(cfg)
+    settings = data.pop("per_target").get(name, [])
+    try:
+        return config_from_dict(apply_overrides(data, settings))
+    except ConfigError as exc:
+        raise ConfigError(f"per_target.{name}: {exc}") from None
 
 
 def target_name(target: str) -> str:

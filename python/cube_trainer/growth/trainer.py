@@ -12,7 +12,6 @@ seed, so a resumed run repeats an uninterrupted one.
 """
 from __future__ import annotations
 
-import copy
 import functools
 import time
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from ..config import ConfigError
 from ..metrics import MetricsLog
 from ..rundir import prepare_run_dir
 from ..trainer import NonFiniteLossError, check_resume_config
-from .config import RGBA, GrowConfig, config_from_dict, config_to_dict, target_name, validate
+from .config import RGBA, GrowConfig, config_from_dict, config_to_dict, target_config, target_name, validate
 from .pool import SamplePool, Shape, axis_normals, cut
 from .targets import iou, load_target, seed_position
 
@@ -69,11 +68,12 @@ class Evaluation:
 class GrowthTrainer:
     """Trains a ``CubeLattice`` to grow ``target`` (a built-in name or a ``.npy`` path; see
     ``targets.py``). ``grid``: the RGBA target itself ([D, H, W, 4]), instead of reading it
-    (a checkpoint carries its target). ``device`` overrides ``config.device``."""
+    (a checkpoint carries its target). The trainer's ``config`` is ``config`` with the target's
+    ``per_target`` settings applied. ``device`` overrides ``config.device``."""
 
     def __init__(self, config: GrowConfig, target: str, *, grid: torch.Tensor | None = None, device=None):
-        self.config = cfg = validate(copy.deepcopy(config))
         self.target_spec, self.name = target, target_name(target)
+        self.config = cfg = target_config(validate(config), self.name)
         self.device = torch.device(device if device is not None else cfg.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device {str(self.device)!r}: CUDA is not available on this machine")
