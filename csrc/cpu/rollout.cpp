@@ -109,10 +109,10 @@ class AliveMask {
  public:
   AliveMask(const at::Tensor& x, int64_t a, double threshold)
       : B_(x.size(0)), D_(x.size(1)), H_(x.size(2)), W_(x.size(3)), C_(x.size(4)), a_(a),
-        threshold_(threshold), pre_(B_ * D_ * H_ * W_), post_(pre_.size()) {}
+        threshold_(threshold), pre_(B_ * D_ * H_ * W_), post_(pre_.size()), dead_(B_ * D_) {}
 
-  // alive(x)'s codes, x with `inject` (or undefined) as its front face's first channels; before
-  // the step, so that `dead_planes` can tell the step which planes to skip.
+  // alive(x)'s codes and dead planes, x with `inject` (or undefined) as its front face's first
+  // channels; before the step, so that `dead_planes` can tell the step which planes to skip.
   void read_input(const at::Tensor& x, const at::Tensor& inject) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "cube::rollout", [&] {
       const scalar_t* front = nullptr;
@@ -129,20 +129,15 @@ class AliveMask {
           const bool injected_plane = front != nullptr && p % D_ == 0;
           const scalar_t* face = injected_plane ? front + (p / D_) * HW * E : nullptr;
           plane_max<scalar_t>(in, p, face, E, scratch.data(), pre_);
+          dead_[p] = std::all_of(pre_.begin() + p * HW, pre_.begin() + (p + 1) * HW,
+                                 [](uint8_t c) { return c == 0; });
         }
       });
     });
   }
 
   // Per (b, d) plane of the input read last: 1 where no cell has alpha above the threshold or NaN.
-  std::vector<uint8_t> dead_planes() const {
-    const int64_t HW = H_ * W_;
-    std::vector<uint8_t> dead(B_ * D_);
-    for (int64_t p = 0; p < B_ * D_; ++p)
-      dead[p] = std::all_of(pre_.begin() + p * HW, pre_.begin() + (p + 1) * HW,
-                            [](uint8_t c) { return c == 0; });
-    return dead;
-  }
+  const std::vector<uint8_t>& dead_planes() const { return dead_; }
 
   // keep = alive(x) & alive(x_new), x the input read last; x_new's cells outside keep are
   // multiplied by 0 (a NaN stays NaN, as in SPEC).
@@ -211,6 +206,7 @@ class AliveMask {
   int64_t B_, D_, H_, W_, C_, a_;
   double threshold_;
   std::vector<uint8_t> pre_, post_;  // each plane's codes' max over h and w, [B * D, H * W]
+  std::vector<uint8_t> dead_;        // per plane of the input read last, [B * D]
 };
 
 // Skipping quiet planes. Where the weights are finite, some d-planes' step results are known
