@@ -17,10 +17,11 @@ import sys
 from cube_kernels.neighbourhood import num_tokens
 
 from . import flops
+from .config import Config
 from .machine import ROOT, summary_line
 
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
-SECTIONS = ("comparison", "growth", "scaling", "large", "trainer")
+SECTIONS = ("comparison", "growth", "sizes", "scaling", "large", "trainer")
 PHASES = ("forward", "backward", "forward_backward")
 # Issue 10's targets for ours vs the baselines: forward+backward of the T=12 rollout, batch 8.
 TARGETS = {
@@ -32,6 +33,23 @@ TARGETS = {
 }
 # Ours in the targets: the rollout op (what CubeLattice runs on the CPU), else the per-step path.
 OURS = ("cpu_rollout", "cpu")
+# Cost per cell-step of ours (forward+backward) as the lattice grows, against the comparison's
+# config, in the same interleaved run ("sizes"): target name -> (batch, lattice D x H x W or None
+# for the comparison's), at most SIZE_BOUND times the comparison config's cost.
+SIZES = {"cost_at_batch_32": (32, None), "cost_on_48x48x48": (1, (48, 48, 48))}
+SIZE_BOUND = 1.15
+
+
+def size_configs(cfg: Config) -> list[Config]:
+    """The comparison's config, then the SIZES configs."""
+    return [cfg] + [cfg.with_(batch=b, **({} if lat is None else dict(zip(("depth", "height", "width"), lat))))
+                    for b, lat in SIZES.values()]
+
+
+def _size_text(key: str) -> str:
+    b, lat = SIZES[key]
+    where = "at batch 32" if lat is None else f"on a {'x'.join(map(str, lat))} lattice (batch {b})"
+    return f"cost per cell-step {where} at most {SIZE_BOUND}x the default config's"
 
 
 # ---------------------------------------------------------------- derived numbers
@@ -85,8 +103,15 @@ def ratios(rows: list[dict], baseline: str = "eager", compiled: str = "compile")
         }
 
 
-def evaluate_targets(rows: list[dict]) -> dict:
-    """Each target of issue 10 for ours (``OURS``): measured value, threshold, pass/fail."""
+def _us_per_cell_step(row: dict | None) -> float | None:
+    if row is None or row.get("status") != "ok":
+        return None
+    return 1 / row["derived"]["cell_steps_per_s"]["forward_backward"]
+
+
+def evaluate_targets(rows: list[dict], sizes: list[dict] = ()) -> dict:
+    """Each target of issue 10 for ours (``OURS``): measured value, threshold, pass/fail; the
+    size targets from ``sizes`` (the rows of ``size_configs``, ours only), where they ran."""
     ours = next((k for k in OURS if _ok(rows, k)), OURS[0])
     row = _ok(rows, ours)
     out = {"implementation": ours, "checked": []}
@@ -97,7 +122,14 @@ def evaluate_targets(rows: list[dict]) -> dict:
     measured["fp32_gemm_fraction"] = (row["derived"]["gemm_fraction"]["forward_backward"]
                                       if row["config"]["dtype"] == "float32" else None)
     measured["backward_vs_forward"] = row["time"]["backward"]["median"] / row["time"]["forward"]["median"]
-    for key, (op, bound, text) in TARGETS.items():
+    targets = dict(TARGETS)
+    if sizes:
+        base = _us_per_cell_step(sizes[0])
+        for key, size_row in zip(SIZES, sizes[1:]):
+            cost = _us_per_cell_step(size_row)
+            measured[key] = cost / base if cost and base else None
+            targets[key] = ("<=", SIZE_BOUND, _size_text(key))
+    for key, (op, bound, text) in targets.items():
         v = measured.get(key)
         ok = None if v is None else (v >= bound if op == ">=" else v <= bound)
         out["checked"].append({"target": key, "text": text, "op": op, "bound": bound, "value": v, "pass": ok})
@@ -126,7 +158,7 @@ def finalize(results: dict) -> dict:
             derive(r, results)
     for section in ("comparison", "growth", "large", "trainer"):
         ratios(results.get(section, []))
-    results["targets"] = evaluate_targets(results.get("comparison", []))
+    results["targets"] = evaluate_targets(results.get("comparison", []), results.get("sizes", []))
     results["best_batch"] = best_batches(results.get("scaling", []))
     return results
 
@@ -173,6 +205,21 @@ def comparison_table(rows: list[dict]) -> str:
             f"| {d['flops_per_s']['forward_backward'] / 1e9:.3g} | {_x(frac and frac * 100, '{:.1f}%')} "
             f"| {_x(vs.get('speedup_vs_eager'))} | {_x(vs.get('speedup_vs_compile'))} "
             f"| {_x(vs.get('memory_vs_eager'), '{:.2f}')} | {_err(r)} |")
+    return "\n".join(lines)
+
+
+def sizes_table(rows: list[dict]) -> str:
+    lines = ["| lattice (DxHxW), batch | fwd+bwd ms | us per cell-step | vs the first row |", "|---|---|---|---|"]
+    base = _us_per_cell_step(rows[0]) if rows else None
+    for r in rows:
+        c = r["config"]
+        name = f"{c['depth']}x{c['height']}x{c['width']}, batch {c['batch']}"
+        cost = _us_per_cell_step(r)
+        if cost is None:
+            lines.append(f"| {name} | {r.get('status')}: {r.get('reason', '')} | | |")
+            continue
+        lines.append(f"| {name} | {_ms(r['time']['forward_backward'])} | {cost * 1e6:.3g} "
+                     f"| {_x(cost / base if base else None, '{:.2f}x')} |")
     return "\n".join(lines)
 
 
@@ -282,6 +329,9 @@ def markdown(results: dict, readme: bool = False) -> str:
         "",
         comparison_table(comp),
         "",
+        *([f"**{results['sizes'][0].get('label')}, as the lattice grows** (the same cell, forward+backward, "
+           f"in a run of its own, repeats interleaved; not checked against the reference):", "",
+           sizes_table(results["sizes"]), ""] if results.get("sizes") else []),
         f"**Targets** (issue 10, ours = {results.get('targets', {}).get('implementation', '-')}):",
         "",
         targets_table(results.get("targets", {})),

@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5 quick, 7 full)")
     p.add_argument("--no-growth", action="store_true",
                    help="skip the growth workload (32x32x32, Moore, fire rate 0.5, alive masking)")
+    p.add_argument("--no-sizes", action="store_true",
+                   help="skip the cost per cell-step of ours at batch 32 and on a 48x48x48 lattice")
     p.add_argument("--sequential", action="store_true",
                    help="run the comparison's implementations one after the other instead of interleaving "
                         "their repeats (lower total memory: one live worker at a time)")
@@ -301,7 +303,7 @@ def main(argv=None) -> int:
     m["load_average_1min"] = quiet["load"]
     results = {"schema": 1, "command": command_line(argv), "mode": "quick" if args.quick else "full",
                "machine": m, "config": cfg.to_dict(), "warmup": warmup, "repeats": repeats,
-               "gemm": [], "comparison": [], "growth": [], "scaling": [], "large": [], "inference": [],
+               "gemm": [], "comparison": [], "growth": [], "sizes": [], "scaling": [], "large": [], "inference": [],
                "trainer": [], "quiet": quiet}
     start = time.perf_counter()
     cpu_start = machine.cpu_seconds()
@@ -327,6 +329,12 @@ def main(argv=None) -> int:
     if not args.no_growth:
         print(f"growth workload: {report._config_line(GROWTH.to_dict())}", flush=True)
         results["growth"] = compare([{**job, "config": GROWTH.to_dict()} for job in jobs], args, repeats)
+    ours = next((job for job in jobs if job["impl"] == report.OURS[0]), None)
+    if ours is not None and not args.no_sizes:
+        sizes = report.size_configs(cfg)
+        print("cost per cell-step with the lattice's size: " + "; ".join(
+            f"{c.lattice} batch {c.batch}" for c in sizes), flush=True)
+        results["sizes"] = compare([{**ours, "config": c.to_dict(), "check": False} for c in sizes], args, repeats)
     if args.profile:
         for job, row in zip(jobs, results["comparison"]):
             if impls.get(job["impl"]).ours and row.get("status") == "ok":

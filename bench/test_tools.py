@@ -175,6 +175,27 @@ def test_targets_are_evaluated_for_ours():
     assert not targets["all_pass"]
 
 
+def test_size_targets_compare_the_cost_per_cell_step_with_the_default_configs():
+    def row(cfg, t):
+        return {"impl": "cpu_rollout", "label": "rollout op", "ours": True, "device": "cpu", "status": "ok",
+                "tokens": 7, "config": cfg.to_dict(), "peak_memory_bytes": 1,
+                "time": {p: {"median": t, "q1": t, "q3": t} for p in report.PHASES}}
+    base, b32, big = report.size_configs(Config())
+    assert (b32.batch, b32.lattice, big.batch, big.lattice) == (32, "11x15x15", 1, "48x48x48")
+    cost = lambda c, ratio: ratio * c.cell_steps()  # noqa: E731  (1 s per cell-step, times ratio)
+    results = {"gemm": [], "comparison": [{**row(base, 1.0), "check": {"ok": True}}],
+               "sizes": [row(base, cost(base, 1.0)), row(b32, cost(b32, 1.1)), row(big, cost(big, 1.3))]}
+    targets = report.finalize(results)["targets"]
+    assert targets["correct"]  # the comparison's row, not a size row (those are not checked)
+    t = {c["target"]: c for c in targets["checked"]}
+    assert t["cost_at_batch_32"]["value"] == pytest.approx(1.1) and t["cost_at_batch_32"]["pass"]
+    assert t["cost_on_48x48x48"]["value"] == pytest.approx(1.3) and not t["cost_on_48x48x48"]["pass"]
+    results["sizes"][2] = {**results["sizes"][2], "status": "error", "reason": "timed out"}
+    t = {c["target"]: c for c in report.finalize(results)["targets"]["checked"]}
+    assert t["cost_on_48x48x48"]["value"] is None and t["cost_on_48x48x48"]["pass"] is None
+    assert "48x48x48, batch 1 | error: timed out" in report.sizes_table(results["sizes"])
+
+
 def test_interleaved_workers_return_rows_in_job_order():
     from .run import run_interleaved
     cfg = Config(**TINY).to_dict()

@@ -95,6 +95,19 @@ def test_deep_lattices_match_reference(lattice, neighbourhood, boundary, fire_ra
     check_against_reference(torch.float32, lattice, neighbourhood, boundary, 1, fire_rate)
 
 
+# Planes of more than 1,024 cells, which the fused cell cuts into bands of rows that read each
+# other's edge rows (csrc/cpu/cell.cpp, bands_per_plane): 37 rows in bands of 18 and 19, and 2
+# rows of 600 in bands of one row, whose halo rows above and below are the same row.
+WIDE = (harness.Lattice(1, 3, 37, 29), harness.Lattice(2, 2, 2, 600))
+
+
+@pytest.mark.parametrize("neighbourhood,boundary", harness.STENCILS)
+@pytest.mark.parametrize("lattice", WIDE, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wide_planes_match_reference(dtype, lattice, neighbourhood, boundary):
+    check_against_reference(dtype, lattice, neighbourhood, boundary, 1, fire_rate=0.5)
+
+
 # The alive channel is 1: the injection (E=2) overwrites it on the front face.
 ALIVE_LATTICES = (harness.Lattice(2, 13, 1, 3), harness.Lattice(1, 2, 13, 4))
 

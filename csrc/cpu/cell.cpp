@@ -1,10 +1,12 @@
 // The fused CPU cell (SPEC.md "One step" and "Backward"; docs/performance.md "The fused cell").
-// A task is one batch item's chunk of d-planes [d0, d1), swept in order. A plane (H x W cells) is
-// the tile: its rows run through LayerNorm, the in-projection, GELU and the gate LayerNorm into
-// a ring of three plane buffers (planes d-1, d, d+1: the stencil reaches one plane each way),
-// then the gather + gate of plane d, the out-projection and the stochastic residual update, so
-// u, vn and h (2F values per cell) stay in per-thread plane buffers. A chunk recomputes the
-// planes just outside it (its halo) instead of sharing them with its neighbours.
+// A task is one batch item's chunk of d-planes [d0, d1) and one band of rows of those planes
+// (the whole plane up to 1,024 cells), swept plane by plane. The band of a plane is the tile:
+// its rows run through LayerNorm, the in-projection, GELU and the gate LayerNorm into a ring of
+// three band buffers (planes d-1, d, d+1: the stencil reaches one plane each way), then the
+// gather + gate of plane d, the out-projection and the stochastic residual update, so u, vn
+// and h (2F values per cell) stay in per-thread band buffers. A chunk recomputes the planes
+// just outside it, and a band the rows just outside it (their halos), instead of sharing them
+// with their neighbours.
 //   forward   plane d+1 in, then plane d out: x_new = where(m, x + (h @ w_out + b_out), x),
 //             rounded once to the state's dtype; a non-firing cell keeps its state bit for bit
 //   backward  from the saved state x, per plane e = d+1 (stage A): u, vn recomputed (keeping
@@ -14,10 +16,10 @@
 //             dvn (the transposed stencil on dg), dw_sp, db_sp, dw_out += h^T d_delta, the
 //             gate-input backward, dw_in += y^T dz_pre, dy = dz_pre @ w_in^T, the LayerNorm
 //             backward and the residual: dx = LN'(dy) + grad
-// The stencils (g, the transposed one for dvn, and dw_sp) read vn and dg from plane buffers
+// The stencils (g, the transposed one for dvn, and dw_sp) read vn and dg from band buffers
 // padded with a halo, a group of tokens at a time with their weights held in registers.
-// The GEMMs run one plane at a time on oneDNN's fp32 micro-kernel (cpublas::brgemm, fp32
-// accumulation) for fp32, bf16 and fp16 states: everything in a plane buffer is fp32, only the
+// The GEMMs run one band at a time on oneDNN's fp32 micro-kernel (cpublas::brgemm, fp32
+// accumulation) for fp32, bf16 and fp16 states: everything in a band buffer is fp32, only the
 // state is stored in its dtype. float64 (gradcheck) runs the same plan with a plain loop GEMM.
 // Weight gradients: one partial sum per task, in a fixed row order, added in task order; the
 // tasks depend on the shapes only, so every bit of them is the same for any thread count.
@@ -79,30 +81,69 @@ CUBE_ALWAYS_INLINE void transpose(const T* a, int64_t rows, int64_t cols, int64_
   }
 }
 
-// Chunks of planes per batch item: about kTasks tasks in all where the lattice is deep enough,
-// with at least kMinPlanes planes per chunk (each chunk recomputes up to two halo planes). A
-// function of the shapes only, not of the thread count: the weight-gradient partials (one per
-// task) are then summed in the same order for any number of threads.
-int64_t chunks_per_item(int64_t B, int64_t D) {
-  constexpr int64_t kTasks = 4, kMinPlanes = 4;
-  return std::max<int64_t>(1, std::min((kTasks + B - 1) / B, D / kMinPlanes));
+// Bands per plane: a plane of more than kBandCells cells is cut into bands of whole rows, each
+// swept as a tile of its own, so that a tile's buffers stay in the caches on wide lattices (one
+// 48x48 plane in the backward's ring is 26 MB at F = 128; a band of 16 of its rows is 9 MB).
+int64_t bands_per_plane(int64_t H, int64_t W) {
+  constexpr int64_t kBandCells = 1024;
+  return std::clamp<int64_t>((H * W + kBandCells - 1) / kBandCells, 1, H);
 }
+
+// Chunks of planes per batch item: about kTasks tasks (chunks x bands) in all where the lattice
+// is deep enough, with at least kMinPlanes planes per chunk (each chunk recomputes up to two
+// halo planes). A function of the shapes only, not of the thread count: the weight-gradient
+// partials (one per task) are then summed in the same order for any number of threads.
+int64_t chunks_per_item(int64_t B, int64_t D, int64_t bands) {
+  constexpr int64_t kTasks = 4, kMinPlanes = 4;
+  return std::max<int64_t>(1, std::min((kTasks + B * bands - 1) / (B * bands), D / kMinPlanes));
+}
+
+// A band of a plane, rows [h0, h0 + n), as a tile: its local rows 0 .. n+1 are the row above it,
+// its own n rows and the row below it, the halo rows being what the stencil reads across the
+// band's edges. A halo row is absent beyond a zero boundary (zeros), a copy of one of the band's
+// own rows where a periodic boundary wraps onto the band itself, and otherwise an extra row,
+// projected like the band's own (a band recomputes the rows of its neighbours it reads). Local
+// rows [first, last) are the projected ones.
+struct Band {
+  int64_t h0, n;
+  int64_t halo[2];  // the lattice rows of local rows 0 and n + 1, or -1 where absent
+  int64_t first, last;
+  Band(int64_t h0_, int64_t h1, int64_t H, int boundary) : h0(h0_), n(h1 - h0_) {
+    halo[0] = boundary_plane(h0 - 1, H, boundary);  // the same wrap rule along h as along d
+    halo[1] = boundary_plane(h1, H, boundary);
+    first = extra(halo[0]) ? 0 : 1;
+    last = extra(halo[1]) ? n + 2 : n + 1;
+  }
+  bool own(int64_t r) const { return r >= h0 && r < h0 + n; }
+  bool extra(int64_t r) const { return r >= 0 && !own(r); }
+  int64_t lattice_row(int64_t i) const { return i == 0 ? halo[0] : i == n + 1 ? halo[1] : h0 + i - 1; }
+};
 
 constexpr int64_t kMaxTokens = 27;  // Moore
 
-// The gather reads vn (forward) and dg (backward's transposed stencil) from plane buffers padded
-// with a one-cell halo, (H + 2) x (W + 2) rows: zeros for a zero boundary, the wrapped rows for a
-// periodic one, and a plane of zeros where the zero boundary leaves a d-plane out. So every token
-// is a fixed row offset and the stencil loops have no branches. A padded plane is stored in
-// blocks of kLanes channels, [ceil(F / kLanes)][rows][kLanes] (lanes past F unused), so that a
-// sweep over one block reads contiguous memory that stays in L1.
+// The gather reads vn (forward) and dg (backward's transposed stencil) from band buffers padded
+// with a one-cell halo, (n + 2) x (W + 2) rows for a band of n rows: zeros for a zero boundary,
+// the wrapped columns for a periodic one, the halo rows as Band says, and a padded band of zeros
+// where the zero boundary leaves a d-plane out. So every token is a fixed row offset and the
+// stencil loops have no branches. A padded band is stored in blocks of kLanes channels,
+// [ceil(F / kLanes)][rows][kLanes] (lanes past F unused), so that a sweep over one block reads
+// contiguous memory that stays in L1. The layout is that of the task's largest band (`rows`),
+// the same for every band of the task, so that halo entries nothing writes stay zero.
 struct Padded {
-  int64_t H, W, F, rows, blocks;
+  int64_t H, W, F, rows, blocks;  // H: the rows of the band in hand
   Padded(int64_t H_, int64_t W_, int64_t F_)
       : H(H_), W(W_), F(F_), rows((H_ + 2) * (W_ + 2)), blocks((F_ + kLanes - 1) / kLanes) {}
   int64_t size() const { return blocks * rows * kLanes; }
-  // Cell q's row.
-  int64_t row(int64_t q) const { return (q / W + 1) * (W + 2) + q % W + 1; }
+  // The same layout, for a band of n <= H rows.
+  Padded band(int64_t n) const {
+    Padded b = *this;
+    b.H = n;
+    return b;
+  }
+  // The row of local cell l (local row 0 the halo row above the band).
+  int64_t local(int64_t l) const { return (l / W) * (W + 2) + l % W + 1; }
+  // The row of the band's cell q.
+  int64_t row(int64_t q) const { return local(q + W); }
   // Channel f of row 0; the rows follow kLanes apart.
   template <typename T>
   T* channel(T* pad, int64_t f) const { return pad + (f / kLanes) * rows * kLanes + f % kLanes; }
@@ -114,20 +155,28 @@ struct Padded {
       std::memcpy(channel(pad, f0) + r * kLanes, v + f0, kLanes * sizeof(T));
     for (; f0 < F; ++f0) channel(pad, f0)[r * kLanes] = v[f0];
   }
-  // Fills the halo with the rows a periodic boundary wraps to (the columns first, so that the
-  // row copies carry the corners).
+  // Completes the halo of band `band` once its projected rows are in: absent halo rows are
+  // zeroed (a row that another band of the task wrote may sit there); for a periodic boundary
+  // the columns wrap on every row, then a halo row that wraps onto the band is copied from it
+  // (whole rows, so that the corners come with them).
   template <typename T>
-  void wrap_halo(T* pad) const {
-    const int64_t Wp = W + 2;
+  void fill_halo(T* pad, const Band& band, int boundary) const {
+    const int64_t Wp = W + 2, n = band.n;
     for (int64_t blk = 0; blk < blocks; ++blk) {
       T* p = pad + blk * rows * kLanes;
-      auto at = [&](int64_t h, int64_t w) { return p + ((h + 1) * Wp + w + 1) * kLanes; };
-      for (int64_t h = 0; h < H; ++h) {
-        std::copy(at(h, W - 1), at(h, W - 1) + kLanes, at(h, -1));
-        std::copy(at(h, 0), at(h, 0) + kLanes, at(h, W));
+      auto at = [&](int64_t i, int64_t w) { return p + (i * Wp + w + 1) * kLanes; };
+      for (int side = 0; side < 2; ++side)
+        if (band.halo[side] < 0) std::fill(at(side * (n + 1), -1), at(side * (n + 1), W + 1), T(0));
+      if (boundary != kPeriodic) continue;
+      for (int64_t i = 0; i < n + 2; ++i) {
+        std::copy(at(i, W - 1), at(i, W), at(i, -1));
+        std::copy(at(i, 0), at(i, 1), at(i, W));
       }
-      std::copy(at(H - 1, -1), at(H - 1, -1) + Wp * kLanes, at(-1, -1));
-      std::copy(at(0, -1), at(0, -1) + Wp * kLanes, at(H, -1));
+      for (int side = 0; side < 2; ++side)
+        if (band.own(band.halo[side])) {
+          const int64_t src = band.halo[side] - band.h0 + 1;
+          std::copy(at(src, -1), at(src, W + 1), at(side * (n + 1), -1));
+        }
     }
   }
 };
@@ -275,6 +324,7 @@ struct Step {
   int64_t step;
   float fire_rate;
   int64_t chunks;  // per batch item
+  int64_t bands;   // per plane
   LivePlanes live;
 
   // Whether plane d of item b is computed.
@@ -310,17 +360,21 @@ struct Step {
     return buf;
   }
 
-  // Plane d of item b through LayerNorm (into y, [P, C]) and the in-projection plus its bias
-  // (into z, [P, 2F]).
-  CUBE_ALWAYS_INLINE void project_plane(int64_t b, int64_t d, acc_t* y, acc_t* z,
-                                        acc_t* buf) const {
-    for (int64_t q = 0; q < P; ++q)
-      rows::layer_norm(row(b, d, q, buf), p[kLn1W], p[kLn1B], C, y + q * C);
-    gemm(P, 2 * F, C, y, C, p[kWIn], 2 * F, z, 2 * F, false);
+  // The lattice cell of local cell l of a band.
+  int64_t cell(const Band& band, int64_t l) const { return band.lattice_row(l / W) * W + l % W; }
+
+  // The projected rows of a band of plane d of item b through LayerNorm (into y, [local cells,
+  // C]) and the in-projection plus its bias (into z, [local cells, 2F]), at their local cells.
+  CUBE_ALWAYS_INLINE void project(int64_t b, int64_t d, const Band& band, acc_t* y, acc_t* z,
+                                  acc_t* buf) const {
+    const int64_t l0 = band.first * W, l1 = band.last * W;
+    for (int64_t l = l0; l < l1; ++l)
+      rows::layer_norm(row(b, d, cell(band, l), buf), p[kLn1W], p[kLn1B], C, y + l * C);
+    gemm(l1 - l0, 2 * F, C, y + l0 * C, C, p[kWIn], 2 * F, z + l0 * 2 * F, 2 * F, false);
     const acc_t* __restrict__ b_in = p[kBIn];
-    for (int64_t q = 0; q < P; ++q) {
-      acc_t* __restrict__ zq = z + q * 2 * F;
-      for (int64_t f = 0; f < 2 * F; ++f) zq[f] += b_in[f];
+    for (int64_t l = l0; l < l1; ++l) {
+      acc_t* __restrict__ zl = z + l * 2 * F;
+      for (int64_t f = 0; f < 2 * F; ++f) zl[f] += b_in[f];
     }
   }
 
@@ -334,15 +388,21 @@ struct Step {
     }
   }
 
-  // Chunk c of item b: planes [d0, d1).
-  void chunk(int64_t task, int64_t& b, int64_t& d0, int64_t& d1) const {
-    b = task / chunks;
-    const int64_t c = task % chunks;
+  int64_t tasks() const { return B * chunks * bands; }
+
+  // The task's tile: batch item b, its chunk of planes [d0, d1), and the band of rows swept.
+  Band tile(int64_t task, int64_t& b, int64_t& d0, int64_t& d1) const {
+    b = task / (chunks * bands);
+    const int64_t c = task / bands % chunks, j = task % bands;
     d0 = c * D / chunks, d1 = (c + 1) * D / chunks;
+    return Band(j * H / bands, (j + 1) * H / bands, H, boundary);
   }
+
+  // The most rows a band has.
+  int64_t band_rows() const { return (H + bands - 1) / bands; }
 };
 
-// A task's ring of three plane buffers, indexed by the unwrapped plane e >= d0 - 1.
+// A task's ring of three band buffers, indexed by the unwrapped plane e >= d0 - 1.
 template <typename acc_t>
 CUBE_ALWAYS_INLINE acc_t* ring_slot(acc_t* ring, int64_t slot_size, int64_t e, int64_t d0) {
   return ring + ((e - d0 + 1) % 3) * slot_size;
@@ -353,59 +413,62 @@ struct ForwardTasks {
   using acc_t = at::opmath_type<scalar_t>;
   static CUBE_ALWAYS_INLINE void run(const Step<scalar_t>& s, scalar_t* const& out,
                                      const int64_t& begin, const int64_t& end) {
-    const int64_t P = s.P, C = s.C, F = s.F;
-    const Padded pl(s.H, s.W, F);
-    const int64_t pad = pl.size(), slot = P * 2 * F + pad;  // per ring slot: u (in z) [P, 2F], vn
-    std::vector<acc_t> mem(static_cast<size_t>(3 * slot + pad + 2 * P * C + P * F + C));
+    const int64_t P = s.P, C = s.C, F = s.F, W = s.W;
+    const Padded pl(s.band_rows(), W, F);
+    const int64_t N = pl.H * W, L = N + 2 * W;  // cells of the largest band, local cells
+    const int64_t pad = pl.size(), slot = L * 2 * F + pad;  // per ring slot: u (in z), vn
+    std::vector<acc_t> mem(static_cast<size_t>(3 * slot + pad + L * C + N * C + N * F + C));
     acc_t* ring = mem.data();
-    acc_t* zeros = ring + 3 * slot;   // a padded plane of zeros: a d-plane the boundary leaves out
-    acc_t* y = zeros + pad;           // [P, C]
-    acc_t* delta = y + P * C;         // [P, C]
-    acc_t* h = delta + P * C;         // [P, F]
-    acc_t* buf = h + P * F;           // one state row
+    acc_t* zeros = ring + 3 * slot;   // a padded band of zeros: a d-plane the boundary leaves out
+    acc_t* y = zeros + pad;           // [L, C]
+    acc_t* delta = y + L * C;         // [N, C]
+    acc_t* h = delta + N * C;         // [N, F]
+    acc_t* buf = h + N * F;           // one state row
     const acc_t* __restrict__ b_out = s.p[kBOut];
     for (int64_t task = begin; task < end; ++task) {
       int64_t b, d0, d1;
-      s.chunk(task, b, d0, d1);
+      const Band band = s.tile(task, b, d0, d1);
+      const Padded bp = pl.band(band.n);
+      const int64_t n = band.n * W, c0 = band.h0 * W;  // the band's cells: [c0, c0 + n)
       for (int64_t e = d0 - 1; e <= d1; ++e) {
         const int64_t pe = s.plane(e);
         if (pe >= 0 && s.feeds(b, e, d0, d1)) {
           acc_t* z = ring_slot(ring, slot, e, d0);
-          acc_t* vn = z + P * 2 * F;
-          s.project_plane(b, pe, y, z, buf);
-          for (int64_t q = 0; q < P; ++q) {
-            acc_t* zq = z + q * 2 * F;
-            rows::gate_input(zq, s.p[kLn2W], s.p[kLn2B], F, zq, zq + F);
-            pl.put(vn, pl.row(q), zq + F);
+          acc_t* vn = z + L * 2 * F;
+          s.project(b, pe, band, y, z, buf);
+          for (int64_t l = band.first * W; l < band.last * W; ++l) {
+            acc_t* zl = z + l * 2 * F;
+            rows::gate_input(zl, s.p[kLn2W], s.p[kLn2B], F, zl, zl + F);
+            bp.put(vn, bp.local(l), zl + F);
           }
-          if (s.boundary == kPeriodic) pl.wrap_halo(vn);
+          bp.fill_halo(vn, band, s.boundary);
         }
         const int64_t d = e - 1;  // plane d has its neighbours now
         if (d < d0) continue;
+        scalar_t* o = out + ((b * s.D + d) * P + c0) * C;
         if (!s.computes(b, d)) {
-          scalar_t* o = out + (b * s.D + d) * P * C;
-          std::fill(o, o + P * C, scalar_t(0));
+          std::fill(o, o + n * C, scalar_t(0));
           continue;
         }
         acc_t* planes[3];
         for (int i = 0; i < 3; ++i)
           planes[i] = s.plane(d - 1 + i) < 0 ? nullptr
-                                             : ring_slot(ring, slot, d - 1 + i, d0) + P * 2 * F;
+                                             : ring_slot(ring, slot, d - 1 + i, d0) + L * 2 * F;
         const acc_t* src[kMaxTokens];
         s.token_planes(planes, zeros, 1, src);
-        stencil(src, s.off, s.p[kWSp], s.p[kBSp], s.K, pl, h);
-        const acc_t* __restrict__ u = ring_slot(ring, slot, d, d0);
-        for (int64_t q = 0; q < P; ++q)
+        stencil(src, s.off, s.p[kWSp], s.p[kBSp], s.K, bp, h);
+        const acc_t* __restrict__ u = ring_slot(ring, slot, d, d0) + W * 2 * F;  // local row 1 on
+        for (int64_t q = 0; q < n; ++q)
           for (int64_t f = 0; f < F; ++f) h[q * F + f] *= u[q * 2 * F + f];
-        gemm(P, C, F, h, F, s.p[kWOut], C, delta, C, false);
-        for (int64_t q = 0; q < P; ++q) {
-          const acc_t* __restrict__ xq = s.row(b, d, q, buf);
-          scalar_t* __restrict__ o = out + ((b * s.D + d) * P + q) * C;
-          if (s.fires(b, d, q)) {
+        gemm(n, C, F, h, F, s.p[kWOut], C, delta, C, false);
+        for (int64_t q = 0; q < n; ++q) {
+          const acc_t* __restrict__ xq = s.row(b, d, c0 + q, buf);
+          scalar_t* __restrict__ oq = o + q * C;
+          if (s.fires(b, d, c0 + q)) {
             const acc_t* __restrict__ dq = delta + q * C;
-            for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(xq[c] + (dq[c] + b_out[c]));
+            for (int64_t c = 0; c < C; ++c) oq[c] = static_cast<scalar_t>(xq[c] + (dq[c] + b_out[c]));
           } else {
-            for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(xq[c]);
+            for (int64_t c = 0; c < C; ++c) oq[c] = static_cast<scalar_t>(xq[c]);
           }
         }
       }
@@ -429,81 +492,89 @@ struct BackwardTasks {
                                      acc_t* const& dx, const GradLayout& layout,
                                      acc_t* const& partials, const int64_t& begin,
                                      const int64_t& end) {
-    const int64_t P = s.P, C = s.C, F = s.F, K = s.K;
-    const Padded pl(s.H, s.W, F);
+    const int64_t P = s.P, C = s.C, F = s.F, K = s.K, W = s.W;
+    const Padded pl(s.band_rows(), W, F);
+    const int64_t N = pl.H * W, L = N + 2 * W;  // cells of the largest band, local cells
     const int64_t pad = pl.size();
-    // Per ring slot: u [P, F], vn [padded], dgelu [P, 2F] (gelu' of the pre-activations), vhat
-    // [P, F] and rstd [P] (the gate LayerNorm's), d_delta [P, C], dh [P, F], dg [padded].
-    const int64_t u_at = 0, vn_at = P * F, dgelu_at = vn_at + pad, vhat_at = dgelu_at + P * 2 * F;
-    const int64_t rstd_at = vhat_at + P * F, dd_at = rstd_at + P, dh_at = dd_at + P * C;
-    const int64_t dg_at = dh_at + P * F, slot = dg_at + pad;
-    std::vector<acc_t> mem(
-        static_cast<size_t>(3 * slot + pad + P * (6 * F + 4 * C) + P + F + 3 * C));
+    // Per ring slot, over the local cells: u [L, F], vn [padded], dgelu [L, 2F] (gelu' of the
+    // pre-activations), vhat [L, F] and rstd [L] (the gate LayerNorm's), d_delta [L, C],
+    // dh [L, F], dg [padded].
+    const int64_t u_at = 0, vn_at = L * F, dgelu_at = vn_at + pad, vhat_at = dgelu_at + L * 2 * F;
+    const int64_t rstd_at = vhat_at + L * F, dd_at = rstd_at + L, dh_at = dd_at + L * C;
+    const int64_t dg_at = dh_at + L * F, slot = dg_at + pad;
+    std::vector<acc_t> mem(static_cast<size_t>(3 * slot + pad + N * (3 * F + 3 * C) +
+                                               L * (3 * F + C) + N + F + 3 * C));
     acc_t* ring = mem.data();
-    acc_t* zeros = ring + 3 * slot;  // a padded plane of zeros: a d-plane the boundary leaves out
-    acc_t* h = zeros + pad;      // [P, F]
-    acc_t* h_t = h + P * F;      // [F, P]
-    acc_t* du = h_t + P * F;     // [P, F]: g, then du
-    acc_t* dvn = du + P * F;     // [P, F]
-    acc_t* dz = dvn + P * F;     // [P, 2F]: z, then dz_pre
-    acc_t* y = dz + P * 2 * F;   // [P, C]
-    acc_t* y_t = y + P * C;      // [C, P]
-    acc_t* xhat = y_t + P * C;   // [P, C]
-    acc_t* dy = xhat + P * C;    // [P, C]
-    acc_t* rstd = dy + P * C;    // [P]
-    acc_t* g_ln = rstd + P;      // [F]
+    acc_t* zeros = ring + 3 * slot;  // a padded band of zeros: a d-plane the boundary leaves out
+    acc_t* h = zeros + pad;      // [N, F]
+    acc_t* h_t = h + N * F;      // [F, N]
+    acc_t* du = h_t + N * F;     // [N, F]: g, then du
+    acc_t* dvn = du + N * F;     // [L, F]
+    acc_t* dz = dvn + L * F;     // [L, 2F]: z, then dz_pre
+    acc_t* y = dz + L * 2 * F;   // [L, C]
+    acc_t* y_t = y + L * C;      // [C, N]
+    acc_t* xhat = y_t + N * C;   // [N, C]
+    acc_t* dy = xhat + N * C;    // [N, C]
+    acc_t* rstd = dy + N * C;    // [N]
+    acc_t* g_ln = rstd + N;      // [F]
     acc_t* buf = g_ln + F;       // [C]
     acc_t* ln = buf + C;         // [C]
     acc_t* dxq = ln + C;         // [C]
     for (int64_t task = begin; task < end; ++task) {
       int64_t b, d0, d1;
-      s.chunk(task, b, d0, d1);
+      const Band band = s.tile(task, b, d0, d1);
+      const Padded bp = pl.band(band.n);
+      const int64_t n = band.n * W, c0 = band.h0 * W;  // the band's cells: [c0, c0 + n)
+      const int64_t l0 = band.first * W, l1 = band.last * W;  // the projected local cells
       acc_t* part = partials + task * layout.size();
       acc_t* pg[kNumCellParams];
       for (int i = 0; i < kNumCellParams; ++i) pg[i] = part + layout.offset[i];
       for (int64_t e = d0 - 1; e <= d1; ++e) {
         const int64_t pe = s.plane(e);
-        if (pe >= 0 && s.feeds(b, e, d0, d1)) {  // stage A
+        if (pe >= 0 && s.feeds(b, e, d0, d1)) {  // stage A, on the projected local cells
           acc_t* sl = ring_slot(ring, slot, e, d0);
           acc_t *u = sl + u_at, *vn = sl + vn_at, *d_delta = sl + dd_at, *dh = sl + dh_at;
           acc_t* dg = sl + dg_at;
-          s.project_plane(b, pe, y, dz, buf);
-          for (int64_t q = 0; q < P; ++q)
-            sl[rstd_at + q] = rows::gate_input_saving(
-                dz + q * 2 * F, s.p[kLn2W], s.p[kLn2B], F, u + q * F, dvn + q * F,
-                sl + dgelu_at + q * 2 * F, sl + vhat_at + q * F);
-          for (int64_t q = 0; q < P; ++q) pl.put(vn, pl.row(q), dvn + q * F);  // dvn: free here
-          for (int64_t q = 0; q < P; ++q) {
+          s.project(b, pe, band, y, dz, buf);
+          for (int64_t l = l0; l < l1; ++l)
+            sl[rstd_at + l] = rows::gate_input_saving(
+                dz + l * 2 * F, s.p[kLn2W], s.p[kLn2B], F, u + l * F, dvn + l * F,
+                sl + dgelu_at + l * 2 * F, sl + vhat_at + l * F);
+          for (int64_t l = l0; l < l1; ++l) bp.put(vn, bp.local(l), dvn + l * F);  // dvn: free here
+          for (int64_t l = l0; l < l1; ++l) {
+            const int64_t q = s.cell(band, l);
             const acc_t* gq = grad + ((b * s.D + pe) * P + q) * C;
-            acc_t* o = d_delta + q * C;
+            acc_t* o = d_delta + l * C;
             if (s.fires(b, pe, q)) std::copy(gq, gq + C, o); else std::fill(o, o + C, acc_t(0));
           }
-          gemm(P, F, C, d_delta, C, s.w_out_t, F, dh, F, false);
-          // dg (into dz, free until stage B), its padded copy and, on the chunk's planes, db_sp.
+          gemm(l1 - l0, F, C, d_delta + l0 * C, C, s.w_out_t, F, dh + l0 * F, F, false);
+          // dg (into dz, free until stage B), its padded copy and, on the band's own cells of
+          // the chunk's planes, db_sp.
           const bool own = e >= d0 && e < d1;
-          for (int64_t q = 0; q < P; ++q) {
-            const acc_t* __restrict__ uq = u + q * F;
-            const acc_t* __restrict__ dhq = dh + q * F;
-            acc_t* __restrict__ dgq = dz + q * F;
-            for (int64_t f = 0; f < F; ++f) dgq[f] = dhq[f] * uq[f];
-            pl.put(dg, pl.row(q), dgq);
-            if (own)
-              for (int64_t f = 0; f < F; ++f) pg[kBSp][f] += dgq[f];
+          for (int64_t l = l0; l < l1; ++l) {
+            const acc_t* __restrict__ ul = u + l * F;
+            const acc_t* __restrict__ dhl = dh + l * F;
+            acc_t* __restrict__ dgl = dz + l * F;
+            for (int64_t f = 0; f < F; ++f) dgl[f] = dhl[f] * ul[f];
+            bp.put(dg, bp.local(l), dgl);
+            if (own && l >= W && l < W + n)
+              for (int64_t f = 0; f < F; ++f) pg[kBSp][f] += dgl[f];
           }
-          if (s.boundary == kPeriodic) {
-            pl.wrap_halo(vn);
-            pl.wrap_halo(dg);
-          }
+          bp.fill_halo(vn, band, s.boundary);
+          bp.fill_halo(dg, band, s.boundary);
         }
-        const int64_t d = e - 1;  // stage B
+        const int64_t d = e - 1;  // stage B, on the band's own cells (local cells W on)
         if (d < d0) continue;
         if (!s.computes(b, d)) {
-          acc_t* o = dx + (b * s.D + d) * P * C;
-          std::fill(o, o + P * C, acc_t(0));
+          acc_t* o = dx + ((b * s.D + d) * P + c0) * C;
+          std::fill(o, o + n * C, acc_t(0));
           continue;
         }
         acc_t* sl = ring_slot(ring, slot, d, d0);
-        const acc_t *u = sl + u_at, *d_delta = sl + dd_at, *dh = sl + dh_at, *dg = sl + dg_at;
+        const acc_t *u = sl + u_at + W * F, *d_delta = sl + dd_at + W * C;
+        const acc_t *dh = sl + dh_at + W * F, *dg = sl + dg_at;
+        const acc_t *dgelu = sl + dgelu_at + W * 2 * F, *vhat = sl + vhat_at + W * F;
+        const acc_t* ln2_rstd = sl + rstd_at + W;
         acc_t *vn_planes[3], *dg_planes[3];
         for (int i = 0; i < 3; ++i) {
           acc_t* si = s.plane(d - 1 + i) < 0 ? nullptr : ring_slot(ring, slot, d - 1 + i, d0);
@@ -513,27 +584,27 @@ struct BackwardTasks {
         // Gather + gate backward: g recomputed, h (for dw_out), du, db_sp, dw_sp, dvn.
         const acc_t* src[kMaxTokens];
         s.token_planes(vn_planes, zeros, 1, src);
-        stencil(src, s.off, s.p[kWSp], s.p[kBSp], K, pl, du);
-        for (int64_t i = 0; i < P * F; ++i) {
+        stencil(src, s.off, s.p[kWSp], s.p[kBSp], K, bp, du);
+        for (int64_t i = 0; i < n * F; ++i) {
           h[i] = u[i] * du[i];
           du[i] *= dh[i];
         }
-        correlate(src, s.off, dg, K, pl, pg[kWSp]);
+        correlate(src, s.off, dg, K, bp, pg[kWSp]);
         s.token_planes(dg_planes, zeros, -1, src);
-        stencil<acc_t>(src, s.off_t, s.p[kWSp], nullptr, K, pl, dvn);
+        stencil<acc_t>(src, s.off_t, s.p[kWSp], nullptr, K, bp, dvn);
         // Out-projection backward: dw_out += h^T d_delta, db_out += sum d_delta.
-        transpose(h, P, F, F, h_t);
-        gemm(F, C, P, h_t, P, d_delta, C, pg[kWOut], C, true);
-        for (int64_t q = 0; q < P; ++q)
+        transpose(h, n, F, F, h_t);
+        gemm(F, C, n, h_t, n, d_delta, C, pg[kWOut], C, true);
+        for (int64_t q = 0; q < n; ++q)
           for (int64_t c = 0; c < C; ++c) pg[kBOut][c] += d_delta[q * C + c];
         // Gate input backward: dz_pre, dln2_weight, dln2_bias, db_in.
-        for (int64_t q = 0; q < P; ++q)
-          rows::gate_input_backward(du + q * F, dvn + q * F, sl + dgelu_at + q * 2 * F,
-                                    sl + vhat_at + q * F, sl[rstd_at + q], s.p[kLn2W], F, g_ln,
-                                    dz + q * 2 * F, pg[kLn2W], pg[kLn2B], pg[kBIn]);
+        for (int64_t q = 0; q < n; ++q)
+          rows::gate_input_backward(du + q * F, dvn + q * F, dgelu + q * 2 * F, vhat + q * F,
+                                    ln2_rstd[q], s.p[kLn2W], F, g_ln, dz + q * 2 * F, pg[kLn2W],
+                                    pg[kLn2B], pg[kBIn]);
         // In-projection backward: dw_in += y^T dz_pre, dy = dz_pre @ w_in^T (y recomputed).
-        for (int64_t q = 0; q < P; ++q) {
-          const acc_t* xq = s.row(b, d, q, buf);
+        for (int64_t q = 0; q < n; ++q) {
+          const acc_t* xq = s.row(b, d, c0 + q, buf);
           acc_t* __restrict__ xh = xhat + q * C;
           std::copy(xq, xq + C, xh);
           rstd[q] = rows::centre(xh, C);
@@ -543,12 +614,12 @@ struct BackwardTasks {
             yq[c] = xh[c] * s.p[kLn1W][c] + s.p[kLn1B][c];
           }
         }
-        transpose(y, P, C, C, y_t);
-        gemm(C, 2 * F, P, y_t, P, dz, 2 * F, pg[kWIn], 2 * F, true);
-        gemm(P, C, 2 * F, dz, 2 * F, s.w_in_t, C, dy, C, false);
+        transpose(y, n, C, C, y_t);
+        gemm(C, 2 * F, n, y_t, n, dz, 2 * F, pg[kWIn], 2 * F, true);
+        gemm(n, C, 2 * F, dz, 2 * F, s.w_in_t, C, dy, C, false);
         // LayerNorm backward and the residual.
-        for (int64_t q = 0; q < P; ++q) {
-          const int64_t r = ((b * s.D + d) * P + q) * C;
+        for (int64_t q = 0; q < n; ++q) {
+          const int64_t r = ((b * s.D + d) * P + c0 + q) * C;
           rows::layer_norm_backward(xhat + q * C, dy + q * C, s.p[kLn1W], rstd[q], C, ln, dxq,
                                     pg[kLn1W], pg[kLn1B]);
           for (int64_t c = 0; c < C; ++c) dx[r + c] = dxq[c] + grad[r + c];
@@ -578,7 +649,8 @@ Step<scalar_t> make_step(const at::Tensor& x, const CellParams& p, const CellCon
   }
   s.seed = static_cast<uint64_t>(cfg.seed), s.step = step;
   s.fire_rate = static_cast<float>(cfg.fire_rate);
-  s.chunks = chunks_per_item(s.B, s.D);
+  s.bands = bands_per_plane(s.H, s.W);
+  s.chunks = chunks_per_item(s.B, s.D, s.bands);
   s.live = live;
   return s;
 }
@@ -592,7 +664,7 @@ void cell_forward(const at::Tensor& x, const at::Tensor& inject, const CellParam
     Step<scalar_t> s = make_step<scalar_t>(x, p, cfg, step, live);
     if (inject.defined()) s.inject = inject.const_data_ptr<scalar_t>(), s.E = inject.size(-1);
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, s.B * s.chunks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, s.tasks(), 1, [&](int64_t begin, int64_t end) {
       run_best_isa<ForwardTasks<scalar_t>>(s, o, begin, end);
     });
   });
@@ -607,7 +679,7 @@ at::Tensor cell_backward(const at::Tensor& grad, const at::Tensor& x, const Cell
     const at::Tensor w_in_t = p[kWIn].t().contiguous(), w_out_t = p[kWOut].t().contiguous();
     s.w_in_t = w_in_t.const_data_ptr<scalar_t>(), s.w_out_t = w_out_t.const_data_ptr<scalar_t>();
     const GradLayout layout(p);
-    const int64_t tasks = s.B * s.chunks;
+    const int64_t tasks = s.tasks();
     std::vector<scalar_t> partials(static_cast<size_t>(tasks * layout.size()), scalar_t(0));
     const scalar_t* g = grad.const_data_ptr<scalar_t>();
     scalar_t* o = dx.mutable_data_ptr<scalar_t>();

@@ -1,6 +1,6 @@
 // The fused CPU cell: one whole lattice step (SPEC.md "One step") and its backward, one d-plane
-// at a time, so that u, vn, h (2F values per cell) stay in per-thread plane buffers instead of
-// whole-lattice tensors. Called by the rollout op (cpu/rollout.cpp); cpu/cell.cpp says how.
+// (or band of rows of one, on wide lattices) at a time, so that u, vn, h (2F values per cell)
+// stay in per-thread buffers instead of whole-lattice tensors. Called by the rollout op (cpu/rollout.cpp); cpu/cell.cpp says how.
 #pragma once
 
 #include <cstdint>
