@@ -48,7 +48,7 @@ def size_configs(cfg: Config) -> list[Config]:
 
 def _size_text(key: str) -> str:
     b, lat = SIZES[key]
-    where = "at batch 32" if lat is None else f"on a {'x'.join(map(str, lat))} lattice (batch {b})"
+    where = f"at batch {b}" if lat is None else f"on a {'x'.join(map(str, lat))} lattice (batch {b})"
     return f"cost per cell-step {where} at most {SIZE_BOUND}x the default config's"
 
 
