@@ -208,10 +208,12 @@ def test_a_nan_in_a_block_kills_it_as_max_pool3d_does(dtype):
     assert out[0, 2, 2, 3].isnan().all()
 
 
-def test_results_do_not_depend_on_the_thread_count():
-    """Forward and every gradient bit for bit the same on one thread and on two."""
+@pytest.mark.parametrize("lattice", [DEEP[1], WIDE[0]], ids=str)
+def test_results_do_not_depend_on_the_thread_count(lattice):
+    """Forward and every gradient bit for bit the same on one thread and on two, with chunks of
+    planes and with bands of rows."""
     kw = dict(neighbourhood="moore", boundary="periodic", fire_rate=0.5)
-    x, inject, params = inputs(DEEP[1], C, F, "moore", 1)
+    x, inject, params = inputs(lattice, C, F, "moore", 1)
     x, inject = x.float().requires_grad_(), inject.float().requires_grad_()
     params = {n: p.float().requires_grad_() for n, p in params.items()}
     fn = lambda x, s, p, T, **k: rollout(x, s, p, T, all_states=True, **k)  # noqa: E731
