@@ -82,8 +82,8 @@ CUBE_ALWAYS_INLINE void transpose(const T* a, int64_t rows, int64_t cols, int64_
 }
 
 // Bands per plane: a plane of more than kBandCells cells is cut into bands of whole rows, each
-// swept as a tile of its own, so that a tile's buffers stay in the caches on wide lattices (one
-// 48x48 plane in the backward's ring is 26 MB at F = 128; a band of 16 of its rows is 9 MB).
+// swept as a tile of its own, so that a tile's buffers stay in the caches on wide lattices (the
+// backward's ring of three 48x48 planes is 27 MB at F = 128; of three bands of 16 rows, 10 MB).
 int64_t bands_per_plane(int64_t H, int64_t W) {
   constexpr int64_t kBandCells = 1024;
   return std::clamp<int64_t>((H * W + kBandCells - 1) / kBandCells, 1, H);
@@ -127,8 +127,8 @@ constexpr int64_t kMaxTokens = 27;  // Moore
 // where the zero boundary leaves a d-plane out. So every token is a fixed row offset and the
 // stencil loops have no branches. A padded band is stored in blocks of kLanes channels,
 // [ceil(F / kLanes)][rows][kLanes] (lanes past F unused), so that a sweep over one block reads
-// contiguous memory that stays in L1. The layout is that of the task's largest band (`rows`),
-// the same for every band of the task, so that halo entries nothing writes stay zero.
+// contiguous memory that stays in L1. The layout is that of the largest band (`rows`), the
+// same for every task a thread runs in one call, so that halo entries nothing writes stay zero.
 struct Padded {
   int64_t H, W, F, rows, blocks;  // H: the rows of the band in hand
   Padded(int64_t H_, int64_t W_, int64_t F_)
@@ -156,7 +156,7 @@ struct Padded {
     for (; f0 < F; ++f0) channel(pad, f0)[r * kLanes] = v[f0];
   }
   // Completes the halo of band `band` once its projected rows are in: absent halo rows are
-  // zeroed (a row that another band of the task wrote may sit there); for a periodic boundary
+  // zeroed (an earlier task's band may have written a row there); for a periodic boundary
   // the columns wrap on every row, then a halo row that wraps onto the band is copied from it
   // (whole rows, so that the corners come with them).
   template <typename T>
