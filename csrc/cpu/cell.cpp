@@ -66,21 +66,6 @@ CUBE_ALWAYS_INLINE void gemm(int64_t M, int64_t N, int64_t K, const double* A, i
   }
 }
 
-// out[c, r] = a[r, c] for a [rows, cols] (row stride lda), in blocks of 8 x 8 so that both
-// sides touch few cache lines at a time.
-template <typename T>
-CUBE_ALWAYS_INLINE void transpose(const T* a, int64_t rows, int64_t cols, int64_t lda, T* out) {
-  constexpr int64_t kBlock = 8;
-  for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
-    const int64_t r1 = std::min(rows, r0 + kBlock);
-    for (int64_t c0 = 0; c0 < cols; c0 += kBlock) {
-      const int64_t c1 = std::min(cols, c0 + kBlock);
-      for (int64_t c = c0; c < c1; ++c)
-        for (int64_t r = r0; r < r1; ++r) out[c * rows + r] = a[r * lda + c];
-    }
-  }
-}
-
 // Bands per plane: a plane of more than kBandCells cells is cut into bands of whole rows, each
 // swept as a tile of its own, so that a tile's buffers stay in the caches on wide lattices (the
 // backward's ring of three 48x48 planes is 27 MB at F = 128; of three bands of 16 rows, 10 MB).
@@ -206,15 +191,57 @@ CUBE_ALWAYS_INLINE void store(void* p, const Vec& v) {
   std::memcpy(p, &v, sizeof(Vec));
 }
 
+// The 2x2 block swap of one round of an 8 x 8 transpose, on rows i and i + kB (bit kB of i
+// clear): the upper-right kB x kB block of each 2kB x 2kB tile trades places with the
+// lower-left one. The rounds kB = 4, 2, 1 together transpose the 8 x 8 block.
+template <int kB, typename Vec>
+CUBE_ALWAYS_INLINE void swap_blocks(Vec* r) {
+  using Index = decltype(r[0] < r[0]);  // integer lanes of the element's width
+  constexpr Index lo = {0 & kB ? 8 + 0 - kB : 0, 1 & kB ? 8 + 1 - kB : 1, 2 & kB ? 8 + 2 - kB : 2,
+                        3 & kB ? 8 + 3 - kB : 3, 4 & kB ? 8 + 4 - kB : 4, 5 & kB ? 8 + 5 - kB : 5,
+                        6 & kB ? 8 + 6 - kB : 6, 7 & kB ? 8 + 7 - kB : 7};
+  constexpr Index hi = {0 & kB ? 8 + 0 : 0 + kB, 1 & kB ? 8 + 1 : 1 + kB, 2 & kB ? 8 + 2 : 2 + kB,
+                        3 & kB ? 8 + 3 : 3 + kB, 4 & kB ? 8 + 4 : 4 + kB, 5 & kB ? 8 + 5 : 5 + kB,
+                        6 & kB ? 8 + 6 : 6 + kB, 7 & kB ? 8 + 7 : 7 + kB};
+  for (int i = 0; i < 8; ++i) {
+    if (i & kB) continue;
+    const Vec a = r[i], b = r[i + kB];
+    r[i] = __builtin_shuffle(a, b, lo);
+    r[i + kB] = __builtin_shuffle(a, b, hi);
+  }
+}
+
+// out[c, r] = a[r, c] for a [rows, cols] (row stride lda): 8 x 8 blocks in registers (24
+// shuffles each), the rows and columns past the last whole block one value at a time.
+template <typename T>
+CUBE_ALWAYS_INLINE void transpose(const T* a, int64_t rows, int64_t cols, int64_t lda, T* out) {
+  using Vec = typename Lanes<T>::type;
+  static_assert(kLanes == 8, "the block transpose is 8 x 8");
+  const int64_t rows8 = rows - rows % 8, cols8 = cols - cols % 8;
+  for (int64_t r0 = 0; r0 < rows8; r0 += 8)
+    for (int64_t c0 = 0; c0 < cols8; c0 += 8) {
+      Vec r[8];
+      for (int i = 0; i < 8; ++i) r[i] = load<Vec>(a + (r0 + i) * lda + c0);
+      swap_blocks<4>(r);
+      swap_blocks<2>(r);
+      swap_blocks<1>(r);
+      for (int i = 0; i < 8; ++i) store(out + (c0 + i) * rows + r0, r[i]);
+    }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = r < rows8 ? cols8 : 0; c < cols; ++c) out[c * rows + r] = a[r * lda + c];
+}
+
 // One group of G tokens of the stencil on the channels [f0, f0 + lanes of Vec) of every cell of
 // a plane: out[q, f] = (first ? bias[f] (0 without bias) : out[q, f])
 //                      + sum_j w[j, f] * src[j][row(q) + off[j], f]
-// with row(q) the cell's padded row. The G weight registers stay loaded while the group sweeps
-// the plane (about one load per multiply-add instead of two).
+// with row(q) the cell's padded row, times gate[q * gate_ld + f] where `gate` is given (the
+// last group's, so that the forward's h = g * u needs no pass of its own). The G weight
+// registers stay loaded while the group sweeps the plane (about one load per multiply-add
+// instead of two).
 template <int G, typename Vec, typename acc_t>
 CUBE_ALWAYS_INLINE void stencil_group(const acc_t* const* src, const int64_t* off, const acc_t* w,
-                                      const acc_t* bias, bool first, const Padded& pl, int64_t f0,
-                                      acc_t* out) {
+                                      const acc_t* bias, bool first, const acc_t* gate,
+                                      int64_t gate_ld, const Padded& pl, int64_t f0, acc_t* out) {
   const int64_t H = pl.H, W = pl.W, F = pl.F;
   Vec wr[G];
   const acc_t* base[G];
@@ -230,6 +257,7 @@ CUBE_ALWAYS_INLINE void stencil_group(const acc_t* const* src, const int64_t* of
       acc_t* o = out + (hh * W + ww) * F + f0;
       Vec acc = first ? init : load<Vec>(o);
       for (int j = 0; j < G; ++j) acc += wr[j] * load<Vec>(base[j] + r);
+      if (gate != nullptr) acc *= load<Vec>(gate + (hh * W + ww) * gate_ld + f0);
       store(o, acc);
     }
   }
@@ -261,15 +289,18 @@ CUBE_ALWAYS_INLINE void correlate_group(const acc_t* const* src, const int64_t* 
 // kLanes channels at a time (a register), the channels of a last partial block one by one.
 template <int G, typename acc_t>
 CUBE_ALWAYS_INLINE void stencil_groups(const acc_t* const* src, const int64_t* off,
-                                       const acc_t* w, const acc_t* bias, int64_t K,
-                                       const Padded& pl, acc_t* out) {
+                                       const acc_t* w, const acc_t* bias, const acc_t* gate,
+                                       int64_t gate_ld, int64_t K, const Padded& pl, acc_t* out) {
   using Vec = typename Lanes<acc_t>::type;
   for (int64_t k0 = 0; k0 < K; k0 += G) {
+    const acc_t* g = k0 + G >= K ? gate : nullptr;
     int64_t f0 = 0;
     for (; f0 + kLanes <= pl.F; f0 += kLanes)
-      stencil_group<G, Vec>(src + k0, off + k0, w + k0 * pl.F, bias, k0 == 0, pl, f0, out);
+      stencil_group<G, Vec>(src + k0, off + k0, w + k0 * pl.F, bias, k0 == 0, g, gate_ld, pl, f0,
+                            out);
     for (; f0 < pl.F; ++f0)
-      stencil_group<G, acc_t>(src + k0, off + k0, w + k0 * pl.F, bias, k0 == 0, pl, f0, out);
+      stencil_group<G, acc_t>(src + k0, off + k0, w + k0 * pl.F, bias, k0 == 0, g, gate_ld, pl,
+                              f0, out);
   }
 }
 
@@ -288,12 +319,14 @@ CUBE_ALWAYS_INLINE void correlate_groups(const acc_t* const* src, const int64_t*
 }
 
 // out[q, f] = bias[f] + sum_k w[k, f] * src[k][row(q) + off[k], f] over every cell q of the
-// plane, the tokens added in k order (bias nullptr: from 0); out is [P, F].
+// plane, the tokens added in k order (bias nullptr: from 0), times gate[q * gate_ld + f] where
+// `gate` is given; out is [P, F].
 template <typename acc_t>
 CUBE_ALWAYS_INLINE void stencil(const acc_t* const* src, const int64_t* off, const acc_t* w,
-                                const acc_t* bias, int64_t K, const Padded& pl, acc_t* out) {
-  if (K % 9 == 0) return stencil_groups<9>(src, off, w, bias, K, pl, out);
-  stencil_groups<7>(src, off, w, bias, K, pl, out);
+                                const acc_t* bias, int64_t K, const Padded& pl, acc_t* out,
+                                const acc_t* gate = nullptr, int64_t gate_ld = 0) {
+  if (K % 9 == 0) return stencil_groups<9>(src, off, w, bias, gate, gate_ld, K, pl, out);
+  stencil_groups<7>(src, off, w, bias, gate, gate_ld, K, pl, out);
 }
 
 // pw[k, f] += sum_q dg[row(q), f] * src[k][row(q) + off[k], f] (dw_sp's terms of one plane).
@@ -364,18 +397,14 @@ struct Step {
   int64_t cell(const Band& band, int64_t l) const { return band.lattice_row(l / W) * W + l % W; }
 
   // The projected rows of a band of plane d of item b through LayerNorm (into y, [local cells,
-  // C]) and the in-projection plus its bias (into z, [local cells, 2F]), at their local cells.
+  // C]) and the in-projection without its bias (into z, [local cells, 2F]; the gate input adds
+  // it), at their local cells.
   CUBE_ALWAYS_INLINE void project(int64_t b, int64_t d, const Band& band, acc_t* y, acc_t* z,
                                   acc_t* buf) const {
     const int64_t l0 = band.first * W, l1 = band.last * W;
     for (int64_t l = l0; l < l1; ++l)
       rows::layer_norm(row(b, d, cell(band, l), buf), p[kLn1W], p[kLn1B], C, y + l * C);
     gemm(l1 - l0, 2 * F, C, y + l0 * C, C, p[kWIn], 2 * F, z + l0 * 2 * F, 2 * F, false);
-    const acc_t* __restrict__ b_in = p[kBIn];
-    for (int64_t l = l0; l < l1; ++l) {
-      acc_t* __restrict__ zl = z + l * 2 * F;
-      for (int64_t f = 0; f < 2 * F; ++f) zl[f] += b_in[f];
-    }
   }
 
   // src[k]: the padded plane that token k of plane d's cells reads, from `planes` (planes d-1,
@@ -438,7 +467,7 @@ struct ForwardTasks {
           s.project(b, pe, band, y, z, buf);
           for (int64_t l = band.first * W; l < band.last * W; ++l) {
             acc_t* zl = z + l * 2 * F;
-            rows::gate_input(zl, s.p[kLn2W], s.p[kLn2B], F, zl, zl + F);
+            rows::gate_input(zl, s.p[kBIn], s.p[kLn2W], s.p[kLn2B], F, zl, zl + F);
             bp.put(vn, bp.local(l), zl + F);
           }
           bp.fill_halo(vn, band, s.boundary);
@@ -456,10 +485,8 @@ struct ForwardTasks {
                                              : ring_slot(ring, slot, d - 1 + i, d0) + L * 2 * F;
         const acc_t* src[kMaxTokens];
         s.token_planes(planes, zeros, 1, src);
-        stencil(src, s.off, s.p[kWSp], s.p[kBSp], s.K, bp, h);
-        const acc_t* __restrict__ u = ring_slot(ring, slot, d, d0) + W * 2 * F;  // local row 1 on
-        for (int64_t q = 0; q < n; ++q)
-          for (int64_t f = 0; f < F; ++f) h[q * F + f] *= u[q * 2 * F + f];
+        const acc_t* u = ring_slot(ring, slot, d, d0) + W * 2 * F;  // local row 1 on
+        stencil(src, s.off, s.p[kWSp], s.p[kBSp], s.K, bp, h, u, 2 * F);  // h = g * u
         gemm(n, C, F, h, F, s.p[kWOut], C, delta, C, false);
         for (int64_t q = 0; q < n; ++q) {
           const acc_t* __restrict__ xq = s.row(b, d, c0 + q, buf);
@@ -538,7 +565,7 @@ struct BackwardTasks {
           s.project(b, pe, band, y, dz, buf);
           for (int64_t l = l0; l < l1; ++l)
             sl[rstd_at + l] = rows::gate_input_saving(
-                dz + l * 2 * F, s.p[kLn2W], s.p[kLn2B], F, u + l * F, dvn + l * F,
+                dz + l * 2 * F, s.p[kBIn], s.p[kLn2W], s.p[kLn2B], F, u + l * F, dvn + l * F,
                 sl + dgelu_at + l * 2 * F, sl + vhat_at + l * F);
           for (int64_t l = l0; l < l1; ++l) bp.put(vn, bp.local(l), dvn + l * F);  // dvn: free here
           for (int64_t l = l0; l < l1; ++l) {

@@ -61,14 +61,6 @@ CUBE_ALWAYS_INLINE const acc_t* load(const scalar_t* p, int64_t n, acc_t* buf) {
   }
 }
 
-// The pre-activation row: the n values at p plus the bias, in the accumulation type, in buf.
-template <typename acc_t, typename scalar_t>
-CUBE_ALWAYS_INLINE const acc_t* load_biased(const scalar_t* p, const acc_t* __restrict__ bias,
-                                            int64_t n, acc_t* __restrict__ buf) {
-  for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<acc_t>(p[i]) + bias[i];
-  return buf;
-}
-
 // Where to compute an output row: in place when it has the accumulation type, else in buf,
 // converted by store() afterwards.
 template <typename acc_t, typename scalar_t>
@@ -108,10 +100,10 @@ struct ForwardRows {
     const int64_t F = o.F;
     Scratch<acc_t> s(F);
     for (int64_t r = begin; r < end; ++r) {
-      const acc_t* __restrict__ z = load_biased(o.proj + r * 2 * F, o.bias, 2 * F, s.z);
+      const acc_t* __restrict__ z = load(o.proj + r * 2 * F, 2 * F, s.z);
       acc_t* u = output(o.u + r * F, s.out_a);
       acc_t* vn = output(o.vn + r * F, s.out_b);
-      rows::gate_input(z, o.w, o.b, F, u, vn);
+      rows::gate_input(z, o.bias, o.w, o.b, F, u, vn);
       store(o.u + r * F, u, F);
       store(o.vn + r * F, vn, F);
     }
@@ -132,11 +124,11 @@ struct BackwardBlocks {
       std::fill(pw, pw + 4 * F, acc_t(0));
       const int64_t row_end = std::min(o.rows, (blk + 1) * kRowsPerPartial);
       for (int64_t r = blk * kRowsPerPartial; r < row_end; ++r) {
-        const acc_t* __restrict__ z = load_biased(o.proj + r * 2 * F, o.bias, 2 * F, s.z);
+        const acc_t* __restrict__ z = load(o.proj + r * 2 * F, 2 * F, s.z);
         const acc_t* __restrict__ gu = load(o.grad_u + r * F, F, s.grad_u);
         const acc_t* __restrict__ gvn = load(o.grad_vn + r * F, F, s.grad_vn);
         acc_t* dz = output(o.dz_pre + r * 2 * F, s.out_b);
-        const acc_t rstd = rows::gate_input_saving(z, o.w, o.b, F, s.u, s.vn, s.dgelu, s.vhat);
+        const acc_t rstd = rows::gate_input_saving(z, o.bias, o.w, o.b, F, s.u, s.vn, s.dgelu, s.vhat);
         rows::gate_input_backward(gu, gvn, s.dgelu, s.vhat, rstd, o.w, F, s.g, dz, pw, pb, pz);
         store(o.dz_pre + r * 2 * F, dz, 2 * F);
       }
