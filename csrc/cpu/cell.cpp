@@ -135,10 +135,11 @@ struct Padded {
   // Row r = v (F values).
   template <typename T>
   CUBE_ALWAYS_INLINE void put(T* pad, int64_t r, const T* v) const {
+    T* dst = pad + r * kLanes;
     int64_t f0 = 0;
-    for (; f0 + kLanes <= F; f0 += kLanes)  // a fixed-size copy: one register
-      std::memcpy(channel(pad, f0) + r * kLanes, v + f0, kLanes * sizeof(T));
-    for (; f0 < F; ++f0) channel(pad, f0)[r * kLanes] = v[f0];
+    for (; f0 + kLanes <= F; f0 += kLanes, dst += rows * kLanes)  // a fixed-size copy: one register
+      std::memcpy(dst, v + f0, kLanes * sizeof(T));
+    for (; f0 < F; ++f0) dst[f0 % kLanes] = v[f0];
   }
   // Completes the halo of band `band` once its projected rows are in: absent halo rows are
   // zeroed (an earlier task's band may have written a row there); for a periodic boundary

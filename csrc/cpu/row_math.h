@@ -110,9 +110,21 @@ CUBE_ALWAYS_INLINE void gelu_and_grad(double x, double& g, double& dg) {
 template <typename acc_t>
 CUBE_ALWAYS_INLINE acc_t centre(acc_t* __restrict__ v, int64_t F) {
   const acc_t mean = fixed_order_dot<acc_t>(v, nullptr, F) / static_cast<acc_t>(F);
-  for (int64_t f = 0; f < F; ++f) v[f] -= mean;
-  const acc_t var = fixed_order_dot<acc_t>(v, v, F) / static_cast<acc_t>(F);
-  return acc_t(1) / std::sqrt(var + static_cast<acc_t>(kLayerNormEps));
+  // v -= mean and fixed_order_dot(v, v) in one pass: the same sums in the same order.
+  acc_t acc[kLanes] = {};
+  int64_t f = 0;
+  for (; f + kLanes <= F; f += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) {
+      v[f + j] -= mean;
+      acc[j] += v[f + j] * v[f + j];
+    }
+  for (int64_t j = 0; f + j < F; ++j) {
+    v[f + j] -= mean;
+    acc[j] += v[f + j] * v[f + j];
+  }
+  acc_t var = acc[0];
+  for (int64_t j = 1; j < kLanes; ++j) var += acc[j];
+  return acc_t(1) / std::sqrt(var / static_cast<acc_t>(F) + static_cast<acc_t>(kLayerNormEps));
 }
 
 // LayerNorm of one row: out = (v - mean) * rstd * w + b; returns rstd. `out` may be `v`.
