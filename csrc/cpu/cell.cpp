@@ -137,8 +137,8 @@ struct Padded {
   CUBE_ALWAYS_INLINE void put(T* pad, int64_t r, const T* v) const {
     T* dst = pad + r * kLanes;
     int64_t f0 = 0;
-    for (; f0 + kLanes <= F; f0 += kLanes, dst += rows * kLanes)  // a fixed-size copy: one register
-      std::memcpy(dst, v + f0, kLanes * sizeof(T));
+    for (; f0 + kLanes <= F; f0 += kLanes, dst += rows * kLanes)
+      std::memcpy(dst, v + f0, kLanes * sizeof(T));  // a fixed-size copy: one register
     for (; f0 < F; ++f0) dst[f0 % kLanes] = v[f0];
   }
   // Completes the halo of band `band` once its projected rows are in: absent halo rows are

@@ -1,4 +1,4 @@
-// Per-row math of the CPU kernels (SPEC.md "One step", "Backward"): exact-erf GELU and its
+// Per-row math of the CPU kernels (SPEC.md "One step", "Backward"): erf-form GELU (not the tanh one) and its
 // derivative, LayerNorm forward and backward on one row, and the gate input (GELU + gate
 // LayerNorm) of one row of the in-projection and its backward. Shared by cube::gate_input and the fused cell
 // (cpu/cell.cpp), so both compute the same formulas in the same order. Rows are in the
