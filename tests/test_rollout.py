@@ -96,8 +96,8 @@ def test_deep_lattices_match_reference(lattice, neighbourhood, boundary, fire_ra
 
 
 # Planes of more than 1,024 cells, which the fused cell cuts into bands of rows that read each
-# other's edge rows (csrc/cpu/cell.cpp, bands_per_plane): 37 rows in bands of 18 and 19, and 2
-# rows of 600 in bands of one row, whose halo rows above and below are the same row.
+# other's edge rows (csrc/cpu/cell.cpp, bands_per_plane): 37 rows in four bands of 9, 9, 9 and
+# 10, and 2 rows of 600 in two bands of one row, whose halo rows above and below are the same row.
 WIDE = (harness.Lattice(1, 3, 37, 29), harness.Lattice(2, 2, 2, 600))
 
 

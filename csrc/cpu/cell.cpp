@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -66,20 +67,31 @@ CUBE_ALWAYS_INLINE void gemm(int64_t M, int64_t N, int64_t K, const double* A, i
   }
 }
 
+// Tasks per call: about kTasks (batch items x chunks x bands) in all, where the shapes allow.
+constexpr int64_t kTasks = 4;
+
 // Bands per plane: a plane of more than kBandCells cells is cut into bands of whole rows, each
 // swept as a tile of its own, so that a tile's buffers stay in the caches on wide lattices (the
-// backward's ring of three 48x48 planes is 27 MB at F = 128; of three bands of 16 rows, 10 MB).
-int64_t bands_per_plane(int64_t H, int64_t W) {
+// backward's ring of three 48x48 planes is 27 MB at F = 128; of four bands of 12 rows, 8 MB).
+// Their number is rounded up so that the batch's bands make a multiple of kTasks tasks: 1, 2 or
+// 4 threads then share them evenly, and no chunks are needed, whose halo planes cost more than
+// a band's halo rows (docs/performance.md "Bands").
+int64_t bands_per_plane(int64_t B, int64_t H, int64_t W) {
   constexpr int64_t kBandCells = 1024;
-  return std::clamp<int64_t>((H * W + kBandCells - 1) / kBandCells, 1, H);
+  int64_t bands = (H * W + kBandCells - 1) / kBandCells;
+  if (bands > 1) {
+    const int64_t multiple = kTasks / std::gcd(B, kTasks);
+    bands = (bands + multiple - 1) / multiple * multiple;
+  }
+  return std::clamp<int64_t>(bands, 1, H);
 }
 
-// Chunks of planes per batch item: about kTasks tasks (chunks x bands) in all where the lattice
-// is deep enough, with at least kMinPlanes planes per chunk (each chunk recomputes up to two
-// halo planes). A function of the shapes only, not of the thread count: the weight-gradient
-// partials (one per task) are then summed in the same order for any number of threads.
+// Chunks of planes per batch item: about kTasks tasks in all where the lattice is deep enough,
+// with at least kMinPlanes planes per chunk (each chunk recomputes up to two halo planes). A
+// function of the shapes only, not of the thread count: the weight-gradient partials (one per
+// task) are then summed in the same order for any number of threads.
 int64_t chunks_per_item(int64_t B, int64_t D, int64_t bands) {
-  constexpr int64_t kTasks = 4, kMinPlanes = 4;
+  constexpr int64_t kMinPlanes = 4;
   return std::max<int64_t>(1, std::min((kTasks + B * bands - 1) / (B * bands), D / kMinPlanes));
 }
 
@@ -677,7 +689,7 @@ Step<scalar_t> make_step(const at::Tensor& x, const CellParams& p, const CellCon
   }
   s.seed = static_cast<uint64_t>(cfg.seed), s.step = step;
   s.fire_rate = static_cast<float>(cfg.fire_rate);
-  s.bands = bands_per_plane(s.H, s.W);
+  s.bands = bands_per_plane(s.B, s.H, s.W);
   s.chunks = chunks_per_item(s.B, s.D, s.bands);
   s.live = live;
   return s;
