@@ -52,6 +52,14 @@ void run_best_isa(const Args&... args) {
 // the result does not depend on the vector width or the thread count.
 constexpr int64_t kLanes = 8;
 
+// The kLanes partial sums added together, in lane order.
+template <typename T>
+CUBE_ALWAYS_INLINE T sum_lanes(const T* acc) {
+  T s = acc[0];
+  for (int64_t j = 1; j < kLanes; ++j) s += acc[j];
+  return s;
+}
+
 // sum_i x[i] * y[i] (y == nullptr: sum_i x[i]).
 template <typename T>
 CUBE_ALWAYS_INLINE T fixed_order_dot(const T* __restrict__ x, const T* __restrict__ y, int64_t n) {
@@ -66,9 +74,7 @@ CUBE_ALWAYS_INLINE T fixed_order_dot(const T* __restrict__ x, const T* __restric
       for (int64_t j = 0; j < kLanes; ++j) acc[j] += x[i + j] * y[i + j];
     for (int64_t j = 0; i + j < n; ++j) acc[j] += x[i + j] * y[i + j];
   }
-  T s = acc[0];
-  for (int64_t j = 1; j < kLanes; ++j) s += acc[j];
-  return s;
+  return sum_lanes(acc);
 }
 
 // Deterministic reductions over rows (weight gradients): each fixed block of rows writes its own

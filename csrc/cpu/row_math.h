@@ -1,8 +1,8 @@
-// Per-row math of the CPU kernels (SPEC.md "One step", "Backward"): erf-form GELU (not the tanh one) and its
-// derivative, LayerNorm forward and backward on one row, and the gate input (GELU + gate
-// LayerNorm) of one row of the in-projection and its backward. Shared by cube::gate_input and the fused cell
-// (cpu/cell.cpp), so both compute the same formulas in the same order. Rows are in the
-// accumulation type (fp32 for bf16/fp16, double for float64).
+// Per-row math of the CPU kernels (SPEC.md "One step", "Backward"): erf-form GELU (not the tanh
+// one) and its derivative, LayerNorm forward and backward on one row, and the gate input (GELU +
+// gate LayerNorm) of one row of the in-projection and its backward. Shared by cube::gate_input
+// and the fused cell (cpu/cell.cpp), so both compute the same formulas in the same order. Rows
+// are in the accumulation type (fp32 for bf16/fp16, double for float64).
 #pragma once
 
 #include <algorithm>
@@ -122,9 +122,8 @@ CUBE_ALWAYS_INLINE acc_t centre(acc_t* __restrict__ v, int64_t F) {
     v[f + j] -= mean;
     acc[j] += v[f + j] * v[f + j];
   }
-  acc_t var = acc[0];
-  for (int64_t j = 1; j < kLanes; ++j) var += acc[j];
-  return acc_t(1) / std::sqrt(var / static_cast<acc_t>(F) + static_cast<acc_t>(kLayerNormEps));
+  const acc_t var = sum_lanes(acc) / static_cast<acc_t>(F);
+  return acc_t(1) / std::sqrt(var + static_cast<acc_t>(kLayerNormEps));
 }
 
 // LayerNorm of one row: out = (v - mean) * rstd * w + b; returns rstd. `out` may be `v`.
