@@ -21,7 +21,7 @@ from .config import Config
 from .machine import ROOT, summary_line
 
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
-SECTIONS = ("comparison", "growth", "sizes", "scaling", "large", "trainer")
+SECTIONS = ("comparison", "growth", "sizes", "bf16", "scaling", "large", "trainer")
 PHASES = ("forward", "backward", "forward_backward")
 # Issue 10's targets for ours vs the baselines: forward+backward of the T=12 rollout, batch 8.
 TARGETS = {
@@ -38,6 +38,14 @@ OURS = ("cpu_rollout", "cpu")
 # for the comparison's), at most SIZE_BOUND times the comparison config's cost.
 SIZES = {"cost_at_batch_32": (32, None), "cost_on_48x48x48": (1, (48, 48, 48))}
 SIZE_BOUND = 1.15
+# Ours in bf16 against ours in fp32 and torch.compile in bf16, on the comparison's config in a
+# run of their own, repeats interleaved ("bf16"): the speed target holds on a CPU with native
+# bf16 GEMM only (the machine's ISA flags), the error target everywhere.
+BF16_TARGETS = {
+    "bf16_vs_fp32": (">=", 3.0, "bf16 fwd+bwd at least 3x faster than our fp32 (a CPU with native bf16 GEMM)"),
+    "bf16_grads_vs_compile": ("<=", 1.0, "bf16 gradient error at most torch.compile's bf16"),
+}
+NATIVE_BF16 = ("avx512_bf16", "amx_bf16")
 
 
 def size_configs(cfg: Config) -> list[Config]:
@@ -109,9 +117,22 @@ def _us_per_cell_step(row: dict | None) -> float | None:
     return 1 / row["derived"]["cell_steps_per_s"]["forward_backward"]
 
 
-def evaluate_targets(rows: list[dict], sizes: list[dict] = ()) -> dict:
+def bf16_measured(rows: list[dict]) -> dict:
+    """BF16_TARGETS' values from the "bf16" rows (ours fp32, ours bf16, compile bf16), where they ran."""
+    by = {(r["impl"], r["config"]["dtype"]): r for r in rows if r.get("status") == "ok"}
+    fp32, bf16, comp = (by.get((OURS[0], "float32")), by.get((OURS[0], "bfloat16")),
+                        by.get(("compile", "bfloat16")))
+    err = lambda r: (r or {}).get("check", {}).get("grads")  # noqa: E731
+    return {"bf16_vs_fp32": (fp32["time"]["forward_backward"]["median"] / bf16["time"]["forward_backward"]["median"]
+                             if fp32 and bf16 else None),
+            "bf16_grads_vs_compile": err(bf16) / err(comp) if err(bf16) is not None and err(comp) else None}
+
+
+def evaluate_targets(rows: list[dict], sizes: list[dict] = (), bf16: list[dict] = (),
+                     isa: list[str] = ()) -> dict:
     """Each target of issue 10 for ours (``OURS``): measured value, threshold, pass/fail; the
-    size targets from ``sizes`` (the rows of ``size_configs``, ours only), where they ran."""
+    size targets from ``sizes`` (the rows of ``size_configs``, ours only), and the bf16 ones from
+    ``bf16`` on a machine with ``isa`` flags, where they ran."""
     ours = next((k for k in OURS if _ok(rows, k)), OURS[0])
     row = _ok(rows, ours)
     out = {"implementation": ours, "checked": []}
@@ -129,9 +150,15 @@ def evaluate_targets(rows: list[dict], sizes: list[dict] = ()) -> dict:
             cost = _us_per_cell_step(size_row)
             measured[key] = cost / base if cost and base else None
             targets[key] = ("<=", SIZE_BOUND, _size_text(key))
+    if bf16:
+        measured.update(bf16_measured(bf16))
+        targets.update(BF16_TARGETS)
+    native_bf16 = any(f in isa for f in NATIVE_BF16)
     for key, (op, bound, text) in targets.items():
         v = measured.get(key)
         ok = None if v is None else (v >= bound if op == ">=" else v <= bound)
+        if key == "bf16_vs_fp32" and not native_bf16:
+            ok, text = None, text + ": no such GEMM here"
         out["checked"].append({"target": key, "text": text, "op": op, "bound": bound, "value": v, "pass": ok})
     correct = row.get("check", {}).get("ok")
     out["correct"] = correct
@@ -158,7 +185,8 @@ def finalize(results: dict) -> dict:
             derive(r, results)
     for section in ("comparison", "growth", "large", "trainer"):
         ratios(results.get(section, []))
-    results["targets"] = evaluate_targets(results.get("comparison", []), results.get("sizes", []))
+    results["targets"] = evaluate_targets(results.get("comparison", []), results.get("sizes", []),
+                                          results.get("bf16", []), results.get("machine", {}).get("isa", []))
     results["best_batch"] = best_batches(results.get("scaling", []))
     return results
 
@@ -220,6 +248,21 @@ def sizes_table(rows: list[dict]) -> str:
             continue
         lines.append(f"| {name} | {_ms(r['time']['forward_backward'])} | {cost * 1e6:.3g} "
                      f"| {_x(cost / base if base else None, '{:.2f}x')} |")
+    return "\n".join(lines)
+
+
+def bf16_table(rows: list[dict]) -> str:
+    lines = ["| implementation | dtype | forward ms | backward ms | fwd+bwd ms | rel. err out / grads |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        name = f"**{r['label']}**" if r.get("ours") else r.get("label", r.get("impl"))
+        dtype = r["config"]["dtype"]
+        if r.get("status") != "ok":
+            lines.append(f"| {name} | {dtype} | {r.get('status')}: {r.get('reason', '')} | | | |")
+            continue
+        t = r["time"]
+        lines.append(f"| {name} | {dtype} | {_ms(t['forward'])} | {_ms(t['backward'])} "
+                     f"| {_ms(t['forward_backward'])} | {_err(r)} |")
     return "\n".join(lines)
 
 
@@ -332,6 +375,9 @@ def markdown(results: dict, readme: bool = False) -> str:
         *([f"**{results['sizes'][0].get('label')}, as the lattice grows** (the same cell, forward+backward, "
            f"in a run of its own, repeats interleaved; not checked against the reference):", "",
            sizes_table(results["sizes"]), ""] if results.get("sizes") else []),
+        *(["**bf16** (the comparison's config; ours in fp32 and bf16 and torch.compile in bf16, in a run "
+           "of their own, repeats interleaved; bf16 parameters, the errors against the float64 reference):",
+           "", bf16_table(results["bf16"]), ""] if results.get("bf16") else []),
         f"**Targets** (issue 10, ours = {results.get('targets', {}).get('implementation', '-')}):",
         "",
         targets_table(results.get("targets", {})),

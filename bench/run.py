@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the growth workload (32x32x32, Moore, fire rate 0.5, alive masking)")
     p.add_argument("--no-sizes", action="store_true",
                    help="skip the cost per cell-step of ours at batch 32 and on a 48x48x48 lattice")
+    p.add_argument("--no-bf16", action="store_true",
+                   help="skip ours in bf16 against ours in fp32 and torch.compile in bf16 (the comparison's config)")
     p.add_argument("--sequential", action="store_true",
                    help="run the comparison's implementations one after the other instead of interleaving "
                         "their repeats (lower total memory: one live worker at a time)")
@@ -303,7 +305,7 @@ def main(argv=None) -> int:
     m["load_average_1min"] = quiet["load"]
     results = {"schema": 1, "command": command_line(argv), "mode": "quick" if args.quick else "full",
                "machine": m, "config": cfg.to_dict(), "warmup": warmup, "repeats": repeats,
-               "gemm": [], "comparison": [], "growth": [], "sizes": [], "scaling": [], "large": [], "inference": [],
+               "gemm": [], "comparison": [], "growth": [], "sizes": [], "bf16": [], "scaling": [], "large": [], "inference": [],
                "trainer": [], "quiet": quiet}
     start = time.perf_counter()
     cpu_start = machine.cpu_seconds()
@@ -335,6 +337,11 @@ def main(argv=None) -> int:
         print("cost per cell-step with the lattice's size: " + "; ".join(
             f"{c.lattice} batch {c.batch}" for c in sizes), flush=True)
         results["sizes"] = compare([{**ours, "config": c.to_dict(), "check": False} for c in sizes], args, repeats)
+    if ours is not None and not args.no_bf16 and cfg.dtype == "float32":
+        low = cfg.with_(dtype="bfloat16").to_dict()
+        print("bf16: ours in fp32 and bf16, torch.compile in bf16", flush=True)
+        compiled = [{**base_job, "impl": "compile", "config": low, "check": True}]
+        results["bf16"] = compare([{**ours, "check": False}, {**ours, "config": low}] + compiled, args, repeats)
     if args.profile:
         for job, row in zip(jobs, results["comparison"]):
             if impls.get(job["impl"]).ours and row.get("status") == "ok":

@@ -196,6 +196,28 @@ def test_size_targets_compare_the_cost_per_cell_step_with_the_default_configs():
     assert "48x48x48, batch 1 | error: timed out" in report.sizes_table(results["sizes"])
 
 
+def test_bf16_targets_compare_ours_with_our_fp32_and_compiles_bf16():
+    def row(impl, dtype, t, grads=None):
+        return {"impl": impl, "label": impl, "ours": impl == "cpu_rollout", "device": "cpu", "status": "ok",
+                "tokens": 7, "config": Config(dtype=dtype).to_dict(), "peak_memory_bytes": 1,
+                **({"check": {"ok": True, "output": 1e-3, "grads": grads}} if grads else {}),
+                "time": {p: {"median": t, "q1": t, "q3": t} for p in report.PHASES}}
+    results = {"gemm": [], "machine": {"isa": ["avx2", "avx512_bf16"]},
+               "comparison": [{**row("cpu_rollout", "float32", 3.0), "check": {"ok": True}}],
+               "bf16": [row("cpu_rollout", "float32", 3.0), row("cpu_rollout", "bfloat16", 2.0, grads=6e-3),
+                        row("compile", "bfloat16", 4.0, grads=1.2e-2)]}
+    t = {c["target"]: c for c in report.finalize(results)["targets"]["checked"]}
+    assert t["bf16_vs_fp32"]["value"] == pytest.approx(1.5) and t["bf16_vs_fp32"]["pass"] is False
+    assert t["bf16_grads_vs_compile"]["value"] == pytest.approx(0.5) and t["bf16_grads_vs_compile"]["pass"]
+    # without native bf16 GEMM the speed target does not apply; the error target still does
+    results["machine"]["isa"] = ["avx2"]
+    t = {c["target"]: c for c in report.finalize(results)["targets"]["checked"]}
+    assert t["bf16_vs_fp32"]["pass"] is None and "no such GEMM here" in t["bf16_vs_fp32"]["text"]
+    assert t["bf16_grads_vs_compile"]["pass"]
+    table = report.bf16_table(results["bf16"])
+    assert "| bfloat16 | 2000 [2000-2000] |" in table and "6.0e-03" in table
+
+
 def test_interleaved_workers_return_rows_in_job_order():
     from .run import run_interleaved
     cfg = Config(**TINY).to_dict()

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include "cpu/cell.h"
 #include "cpu/loops.h"
 
 #define CUBE_STR_(x) #x
@@ -15,10 +16,10 @@
 
 namespace {
 
-// "torch=X.Y.Z;cuda=0|1;cpu_isa=avx2|baseline": the torch this binary was compiled against
-// (cube_kernels/_extension.py refuses to run a _C built for another torch: its ABI is not
-// stable across releases), whether it has the CUDA kernels, and the instruction set the CPU
-// kernels picked on this machine.
+// "torch=X.Y.Z;cuda=0|1;cpu_isa=avx2|baseline;bf16_gemm=0|1": the torch this binary was
+// compiled against (cube_kernels/_extension.py refuses to run a _C built for another torch: its
+// ABI is not stable across releases), whether it has the CUDA kernels, the instruction set the
+// CPU kernels picked on this machine and whether bf16 states run the bf16 micro-kernel here.
 std::string build_info() {
   std::string info = "torch=" CUBE_STR(TORCH_VERSION_MAJOR) "." CUBE_STR(
       TORCH_VERSION_MINOR) "." CUBE_STR(TORCH_VERSION_PATCH);
@@ -27,7 +28,7 @@ std::string build_info() {
 #else
   info += ";cuda=0";
 #endif
-  return info + ";cpu_isa=" + cube::cpu_isa();
+  return info + ";cpu_isa=" + cube::cpu_isa() + ";bf16_gemm=" + (cube::bf16_micro_kernel() ? "1" : "0");
 }
 
 }  // namespace

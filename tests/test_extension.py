@@ -119,7 +119,8 @@ def test_baseline_isa_matches_reference():
          *(os.path.join(here, f)
            for f in ("test_gather_gate.py", "test_update.py", "test_gate_input.py", "test_rollout.py")),
          "-k", "(matches_reference and cpu) or (matches_functional and op) or low_precision "
-               "or (gradcheck and (cpu or op)) or isa_in_use or (rollout and (reference or gradcheck))"],
+               "or (gradcheck and (cpu or op)) or isa_in_use or micro_kernel "
+               "or (rollout and (reference or gradcheck))"],
         env=dict(os.environ, CUBE_CPU_ISA="baseline"), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:]
     assert " passed" in done.stdout
@@ -134,6 +135,18 @@ def test_isa_in_use():
     assert isa in ("avx2", "baseline")
     if os.environ.get("CUBE_CPU_ISA") == "baseline":
         assert isa == "baseline"
+
+
+def test_bf16_micro_kernel_where_the_cpu_has_avx512_bf16():
+    """bf16 states run the bf16 micro-kernel on AVX512-BF16 without AMX, and nowhere else."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if not _extension.load():
+            pytest.skip("cube_kernels._C is not built")
+    caps = torch._C._cpu._get_cpu_capability()
+    expected = (caps.get("avx512_bf16", False) and not caps.get("amx_bf16", False)
+                and os.environ.get("CUBE_CPU_ISA") != "baseline")
+    assert _extension.build_info()["bf16_gemm"] == ("1" if expected else "0")
 
 
 def test_import_cube_kernels_registers_the_ops_autograd_and_fakes():

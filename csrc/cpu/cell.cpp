@@ -20,7 +20,10 @@
 // padded with a halo, a group of tokens at a time with their weights held in registers.
 // The GEMMs run one band at a time on oneDNN's fp32 micro-kernel (cpublas::brgemm, fp32
 // accumulation) for fp32, bf16 and fp16 states: everything in a band buffer is fp32, only the
-// state is stored in its dtype. float64 (gradcheck) runs the same plan with a plain loop GEMM.
+// state is stored in its dtype. Where CellConfig::bf16_gemm says so (bf16 states on a CPU with
+// AVX512-BF16), they run on its bf16 micro-kernel instead, their operands rounded to bf16 from
+// the band buffers (Weight::times, add_at_b), the sums still fp32 (docs/performance.md "bf16").
+// float64 (gradcheck) runs the same plan with a plain loop GEMM.
 // Weight gradients: one partial sum per task, in a fixed row order, added in task order; the
 // tasks depend on the shapes only, so every bit of them is the same for any thread count.
 // Planes the caller knows to be zero (`live`, cpu/rollout.cpp "Skipping quiet planes") are
@@ -33,11 +36,14 @@
 #include <type_traits>
 #include <vector>
 
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/Utils.h>
 #include <ATen/native/CPUBlas.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
 
 #include "cell_math.h"
 #include "cpu/cell.h"
@@ -51,6 +57,13 @@ namespace {
 CUBE_ALWAYS_INLINE void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
                              const float* B, int64_t ldb, float* C, int64_t ldc, bool add) {
   at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, A, B, C, /*is_vnni=*/false);
+}
+
+// The same on the bf16 micro-kernel: A and B in bf16, B in VNNI pairs ([K/2][N][2], K even),
+// the sums in fp32.
+CUBE_ALWAYS_INLINE void gemm(int64_t M, int64_t N, int64_t K, const at::BFloat16* A, int64_t lda,
+                             const at::BFloat16* B, float* C, int64_t ldc, bool add) {
+  at::native::cpublas::brgemm(M, N, K, lda, N, ldc, add, A, B, C, /*is_vnni=*/true);
 }
 
 // float64 (gradcheck) has no micro-kernel and ATen exports no BLAS call for it: a plain loop.
@@ -117,6 +130,59 @@ struct Band {
 };
 
 constexpr int64_t kMaxTokens = 27;  // Moore
+
+// The bits of v rounded to bf16 (to nearest even, NaN to a quiet NaN: as at::BFloat16(float)),
+// on integers so that the loops below vectorise.
+CUBE_ALWAYS_INLINE uint32_t bf16_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded;
+}
+
+// dst = src rounded to bf16.
+CUBE_ALWAYS_INLINE void round_to_bf16(const float* __restrict__ src, int64_t n,
+                                      at::BFloat16* __restrict__ dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i].x = static_cast<uint16_t>(bf16_bits(src[i]));
+}
+
+// Two rows a, b of n values as one row of VNNI pairs, rounded to bf16: dst[2j] = a[j],
+// dst[2j + 1] = b[j] (b nullptr: zeros).
+CUBE_ALWAYS_INLINE void pair_to_bf16(const float* __restrict__ a, const float* __restrict__ b,
+                                     int64_t n, at::BFloat16* __restrict__ dst) {
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t pair = bf16_bits(a[j]) | (b == nullptr ? 0u : bf16_bits(b[j]) << 16);
+    std::memcpy(dst + 2 * j, &pair, sizeof(pair));
+  }
+}
+
+// A weight [K, N] as the B operand of the GEMMs that multiply activations by it, and, where the
+// step runs them on the bf16 micro-kernel, its bf16 copy in VNNI pairs (vnni_bf16).
+template <typename acc_t>
+struct Weight {
+  const acc_t* w = nullptr;
+  const at::BFloat16* w16 = nullptr;
+  int64_t K = 0, N = 0;
+
+  // C[M, N] = A[M, K] @ w, A's rows lda apart, C's N apart: with w16, on the bf16 micro-kernel,
+  // A first rounded to bf16 into a16 ([M, K]).
+  CUBE_ALWAYS_INLINE void times(int64_t M, const acc_t* A, int64_t lda, acc_t* C,
+                                at::BFloat16* a16) const {
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (w16 != nullptr) {
+        for (int64_t i = 0; i < M; ++i) round_to_bf16(A + i * lda, K, a16 + i * K);
+        return gemm(M, N, K, a16, K, w16, C, N, false);
+      }
+    }
+    gemm(M, N, K, A, lda, w, N, C, N, false);
+  }
+};
+
+// w [K, N] (K even) rounded to bf16, in the micro-kernel's VNNI pairs: [K/2][N][2].
+at::Tensor vnni_bf16(const at::Tensor& w) {
+  const int64_t K = w.size(0), N = w.size(1);
+  return w.to(at::kBFloat16).view({K / 2, 2, N}).transpose(1, 2).contiguous();
+}
 
 // The gather reads vn (forward) and dg (backward's transposed stencil) from band buffers padded
 // with a one-cell halo, (n + 2) x (W + 2) rows for a band of n rows: zeros for a zero boundary,
@@ -351,6 +417,29 @@ CUBE_ALWAYS_INLINE void correlate(const acc_t* const* src, const int64_t* off, c
 }
 #pragma GCC diagnostic pop
 
+// dw[M, N] += a^T b over n rows, a [n, M] and b [n, N] contiguous, a_t [M, n] scratch. With
+// `bf16`, on the bf16 micro-kernel: a^T and b rounded to bf16 into a16 and b16 (each at most
+// (n + 1) x max(M, N) values), b in VNNI pairs, an odd n padded with a row of zeros.
+template <typename acc_t>
+CUBE_ALWAYS_INLINE void add_at_b(int64_t n, int64_t M, int64_t N, const acc_t* a, const acc_t* b,
+                                 acc_t* dw, acc_t* a_t, bool bf16, at::BFloat16* a16,
+                                 at::BFloat16* b16) {
+  transpose(a, n, M, M, a_t);
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (bf16) {
+      const int64_t K = n + n % 2;
+      for (int64_t m = 0; m < M; ++m) {
+        round_to_bf16(a_t + m * n, n, a16 + m * K);
+        if (K > n) a16[m * K + n].x = 0;
+      }
+      for (int64_t q = 0; q < n; q += 2)
+        pair_to_bf16(b + q * N, q + 1 < n ? b + (q + 1) * N : nullptr, N, b16 + q * N);
+      return gemm(M, N, K, a16, K, b16, dw, N, true);
+    }
+  }
+  gemm(M, N, n, a_t, n, b, N, dw, N, true);
+}
+
 // One step's operands. scalar_t: the state's dtype (the backward runs with the accumulation type).
 template <typename scalar_t>
 struct Step {
@@ -361,8 +450,9 @@ struct Step {
   const scalar_t* inject;  // [B, H, W, E] or nullptr
   int64_t E;
   const acc_t* p[kNumCellParams];
-  const acc_t* w_in_t;   // backward: w_in^T [2F, C] and w_out^T [C, F]
-  const acc_t* w_out_t;
+  Weight<acc_t> w_in, w_out;      // [C, 2F], [F, C]
+  Weight<acc_t> w_in_t, w_out_t;  // backward: w_in^T [2F, C], w_out^T [C, F]
+  bool bf16;                      // the GEMMs on the bf16 micro-kernel (CellConfig::bf16_gemm)
   int dd[kMaxTokens];         // token k's offset in d
   int64_t off[kMaxTokens];    // its offset in (h, w) as rows of a padded plane
   int64_t off_t[kMaxTokens];  // -off: backward's transposed stencil
@@ -411,13 +501,13 @@ struct Step {
 
   // The projected rows of a band of plane d of item b through LayerNorm (into y, [local cells,
   // C]) and the in-projection without its bias (into z, [local cells, 2F]; the gate input adds
-  // it), at their local cells.
+  // it), at their local cells. a16: Weight::times's.
   CUBE_ALWAYS_INLINE void project(int64_t b, int64_t d, const Band& band, acc_t* y, acc_t* z,
-                                  acc_t* buf) const {
+                                  acc_t* buf, at::BFloat16* a16) const {
     const int64_t l0 = band.first * W, l1 = band.last * W;
     for (int64_t l = l0; l < l1; ++l)
       rows::layer_norm(row(b, d, cell(band, l), buf), p[kLn1W], p[kLn1B], C, y + l * C);
-    gemm(l1 - l0, 2 * F, C, y + l0 * C, C, p[kWIn], 2 * F, z + l0 * 2 * F, 2 * F, false);
+    w_in.times(l1 - l0, y + l0 * C, C, z + l0 * 2 * F, a16);
   }
 
   // src[k]: the padded plane that token k of plane d's cells reads, from `planes` (planes d-1,
@@ -466,6 +556,7 @@ struct ForwardTasks {
     acc_t* delta = y + L * C;         // [N, C]
     acc_t* h = delta + N * C;         // [N, F]
     acc_t* buf = h + N * F;           // one state row
+    std::vector<at::BFloat16> a16(static_cast<size_t>(s.bf16 ? L * std::max(C, F) : 0));
     const acc_t* __restrict__ b_out = s.p[kBOut];
     for (int64_t task = begin; task < end; ++task) {
       int64_t b, d0, d1;
@@ -477,7 +568,7 @@ struct ForwardTasks {
         if (pe >= 0 && s.feeds(b, e, d0, d1)) {
           acc_t* z = ring_slot(ring, slot, e, d0);
           acc_t* vn = z + L * 2 * F;
-          s.project(b, pe, band, y, z, buf);
+          s.project(b, pe, band, y, z, buf, a16.data());
           for (int64_t l = band.first * W; l < band.last * W; ++l) {
             acc_t* zl = z + l * 2 * F;
             rows::gate_input(zl, s.p[kBIn], s.p[kLn2W], s.p[kLn2B], F, zl, zl + F);
@@ -500,7 +591,7 @@ struct ForwardTasks {
         s.token_planes(planes, zeros, 1, src);
         const acc_t* u = ring_slot(ring, slot, d, d0) + W * 2 * F;  // local row 1 on
         stencil(src, s.off, s.p[kWSp], s.p[kBSp], s.K, bp, h, u, 2 * F);  // h = g * u
-        gemm(n, C, F, h, F, s.p[kWOut], C, delta, C, false);
+        s.w_out.times(n, h, F, delta, a16.data());
         for (int64_t q = 0; q < n; ++q) {
           const acc_t* __restrict__ xq = s.row(b, d, c0 + q, buf);
           scalar_t* __restrict__ oq = o + q * C;
@@ -560,6 +651,9 @@ struct BackwardTasks {
     acc_t* buf = g_ln + F;       // [C]
     acc_t* ln = buf + C;         // [C]
     acc_t* dxq = ln + C;         // [C]
+    // bf16 copies of GEMM operands: Weight::times's and add_at_b's
+    std::vector<at::BFloat16> a16(static_cast<size_t>(s.bf16 ? 2 * L * std::max(C, 2 * F) : 0));
+    at::BFloat16* b16 = a16.data() + a16.size() / 2;
     for (int64_t task = begin; task < end; ++task) {
       int64_t b, d0, d1;
       const Band band = s.tile(task, b, d0, d1);
@@ -575,7 +669,7 @@ struct BackwardTasks {
           acc_t* sl = ring_slot(ring, slot, e, d0);
           acc_t *u = sl + u_at, *vn = sl + vn_at, *d_delta = sl + dd_at, *dh = sl + dh_at;
           acc_t* dg = sl + dg_at;
-          s.project(b, pe, band, y, dz, buf);
+          s.project(b, pe, band, y, dz, buf, a16.data());
           for (int64_t l = l0; l < l1; ++l)
             sl[rstd_at + l] = rows::gate_input_saving(
                 dz + l * 2 * F, s.p[kBIn], s.p[kLn2W], s.p[kLn2B], F, u + l * F, dvn + l * F,
@@ -587,7 +681,7 @@ struct BackwardTasks {
             acc_t* o = d_delta + l * C;
             if (s.fires(b, pe, q)) std::copy(gq, gq + C, o); else std::fill(o, o + C, acc_t(0));
           }
-          gemm(l1 - l0, F, C, d_delta + l0 * C, C, s.w_out_t, F, dh + l0 * F, F, false);
+          s.w_out_t.times(l1 - l0, d_delta + l0 * C, C, dh + l0 * F, a16.data());
           // dg (into dz, free until stage B), its padded copy and, on the band's own cells of
           // the chunk's planes, db_sp.
           const bool own = e >= d0 && e < d1;
@@ -633,8 +727,7 @@ struct BackwardTasks {
         s.token_planes(dg_planes, zeros, -1, src);
         stencil<acc_t>(src, s.off_t, s.p[kWSp], nullptr, K, bp, dvn);
         // Out-projection backward: dw_out += h^T d_delta, db_out += sum d_delta.
-        transpose(h, n, F, F, h_t);
-        gemm(F, C, n, h_t, n, d_delta, C, pg[kWOut], C, true);
+        add_at_b(n, F, C, h, d_delta, pg[kWOut], h_t, s.bf16, a16.data(), b16);
         for (int64_t q = 0; q < n; ++q)
           for (int64_t c = 0; c < C; ++c) pg[kBOut][c] += d_delta[q * C + c];
         // Gate input backward: dz_pre, dln2_weight, dln2_bias, db_in.
@@ -654,9 +747,8 @@ struct BackwardTasks {
             yq[c] = xh[c] * s.p[kLn1W][c] + s.p[kLn1B][c];
           }
         }
-        transpose(y, n, C, C, y_t);
-        gemm(C, 2 * F, n, y_t, n, dz, 2 * F, pg[kWIn], 2 * F, true);
-        gemm(n, C, 2 * F, dz, 2 * F, s.w_in_t, C, dy, C, false);
+        add_at_b(n, C, 2 * F, y, dz, pg[kWIn], y_t, s.bf16, a16.data(), b16);
+        s.w_in_t.times(n, dz, 2 * F, dy, a16.data());
         // LayerNorm backward and the residual.
         for (int64_t q = 0; q < n; ++q) {
           const int64_t r = ((b * s.D + d) * P + c0 + q) * C;
@@ -679,8 +771,11 @@ Step<scalar_t> make_step(const at::Tensor& x, const CellParams& p, const CellCon
   s.P = s.H * s.W;
   s.F = p[kWIn].size(1) / 2, s.K = num_tokens(cfg.neighbourhood);
   s.boundary = cfg.boundary;
+  s.bf16 = cfg.bf16_gemm;
   s.x = x.const_data_ptr<scalar_t>();
   for (int i = 0; i < kNumCellParams; ++i) s.p[i] = p[i].const_data_ptr<acc_t>();
+  s.w_in = {s.p[kWIn], nullptr, s.C, 2 * s.F};
+  s.w_out = {s.p[kWOut], nullptr, s.F, s.C};
   for (int k = 0; k < s.K; ++k) {
     int dh, dw;
     token_offset(cfg.neighbourhood, k, s.dd[k], dh, dw);
@@ -697,15 +792,39 @@ Step<scalar_t> make_step(const at::Tensor& x, const CellParams& p, const CellCon
 
 }  // namespace
 
+bool bf16_micro_kernel() {
+  static const bool here = [] {
+    if (baseline_forced()) return false;
+    const auto caps = at::cpu::get_cpu_capabilities();
+    const auto has = [&caps](const char* name) {
+      const auto it = caps.find(name);
+      return it != caps.end() && it->second.isBool() && it->second.toBool();
+    };
+    return has("avx512_bf16") && !has("amx_bf16");
+  }();
+  return here && at::globalContext().userEnabledMkldnn();
+}
+
+bool bf16_gemm_for(at::ScalarType dtype, int64_t C, int64_t F) {
+  return dtype == at::kBFloat16 && C % 2 == 0 && F % 2 == 0 && bf16_micro_kernel();
+}
+
 void cell_forward(const at::Tensor& x, const at::Tensor& inject, const CellParams& p,
                   const CellConfig& cfg, int64_t step, const at::Tensor& out, LivePlanes live) {
   if (x.numel() == 0) return;  // no cells (or no channels): nothing to compute
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "cube::cell_forward", [&] {
     Step<scalar_t> s = make_step<scalar_t>(x, p, cfg, step, live);
     if (inject.defined()) s.inject = inject.const_data_ptr<scalar_t>(), s.E = inject.size(-1);
+    at::Tensor w_in16, w_out16;
+    if (cfg.bf16_gemm) {
+      w_in16 = vnni_bf16(p[kWIn]), w_out16 = vnni_bf16(p[kWOut]);
+      s.w_in.w16 = w_in16.const_data_ptr<at::BFloat16>();
+      s.w_out.w16 = w_out16.const_data_ptr<at::BFloat16>();
+    }
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, s.tasks(), 1, [&](int64_t begin, int64_t end) {
       run_best_isa<ForwardTasks<scalar_t>>(s, o, begin, end);
+      if (cfg.bf16_gemm) at::native::cpublas::brgemm_release();
     });
   });
 }
@@ -717,7 +836,15 @@ at::Tensor cell_backward(const at::Tensor& grad, const at::Tensor& x, const Cell
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cube::cell_backward", [&] {
     Step<scalar_t> s = make_step<scalar_t>(x, p, cfg, step, live);
     const at::Tensor w_in_t = p[kWIn].t().contiguous(), w_out_t = p[kWOut].t().contiguous();
-    s.w_in_t = w_in_t.const_data_ptr<scalar_t>(), s.w_out_t = w_out_t.const_data_ptr<scalar_t>();
+    s.w_in_t = {w_in_t.const_data_ptr<scalar_t>(), nullptr, 2 * s.F, s.C};
+    s.w_out_t = {w_out_t.const_data_ptr<scalar_t>(), nullptr, s.C, s.F};
+    at::Tensor w16[3];
+    if (cfg.bf16_gemm) {
+      w16[0] = vnni_bf16(p[kWIn]), w16[1] = vnni_bf16(w_in_t), w16[2] = vnni_bf16(w_out_t);
+      s.w_in.w16 = w16[0].const_data_ptr<at::BFloat16>();
+      s.w_in_t.w16 = w16[1].const_data_ptr<at::BFloat16>();
+      s.w_out_t.w16 = w16[2].const_data_ptr<at::BFloat16>();
+    }
     const GradLayout layout(p);
     const int64_t tasks = s.tasks();
     std::vector<scalar_t> partials(static_cast<size_t>(tasks * layout.size()), scalar_t(0));
@@ -726,6 +853,7 @@ at::Tensor cell_backward(const at::Tensor& grad, const at::Tensor& x, const Cell
     scalar_t* part = partials.data();
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
       run_best_isa<BackwardTasks<scalar_t>>(s, g, o, layout, part, begin, end);
+      if (cfg.bf16_gemm) at::native::cpublas::brgemm_release();
     });
     std::vector<scalar_t> total(static_cast<size_t>(layout.size()));
     sum_block_partials(partials.data(), tasks, layout.size(), total.data());

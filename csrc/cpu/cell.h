@@ -16,7 +16,18 @@ struct CellConfig {
   int64_t seed;
   int neighbourhood, boundary;  // cell_math.h's Neighbourhood and Boundary
   double fire_rate;
+  bool bf16_gemm = false;  // the GEMMs on the bf16 micro-kernel (see bf16_gemm_for)
 };
+
+// Whether a rollout of `dtype` states with C channels and hidden width F runs the cell's GEMMs
+// (the projections, their recompute and their gradients) on oneDNN's bf16 micro-kernel: bf16
+// states, C and F even (the kernel reads K in pairs), and a CPU with AVX512-BF16. Their inputs
+// are then rounded to bf16, as autocast rounds a linear layer's; they still accumulate in fp32.
+bool bf16_gemm_for(at::ScalarType dtype, int64_t C, int64_t F);
+
+// Whether this CPU runs the bf16 micro-kernel (AVX512-BF16 without AMX; not with
+// CUBE_CPU_ISA=baseline).
+bool bf16_micro_kernel();
 
 // The plane that the unwrapped d-index e stands for, or -1 beyond a zero boundary.
 inline int64_t boundary_plane(int64_t e, int64_t D, int boundary) {

@@ -19,16 +19,22 @@ inline int64_t rows_per_task(int64_t work_per_row) {
 // The extension is built for the baseline ISA (portable wheels, no -march=native), which on
 // x86-64 means 4-wide SSE2. The channel loops are also compiled for AVX2+FMA, picked at run time
 // where the CPU has it: Kernel::run (always inlined) is instantiated once per target.
-// CUBE_CPU_ISA=baseline in the environment forces the baseline code (the tests run both).
+// CUBE_CPU_ISA=baseline in the environment forces the baseline code, and fp32 GEMMs for bf16
+// states (cpu/cell.h, bf16_micro_kernel): the tests run both.
+inline bool baseline_forced() {
+  static const bool forced = [] {
+    const char* isa = std::getenv("CUBE_CPU_ISA");
+    return isa != nullptr && std::strcmp(isa, "baseline") == 0;
+  }();
+  return forced;
+}
+
 #if defined(__GNUC__) && defined(__x86_64__)
 #define CUBE_X86_DISPATCH 1
 
 inline bool use_avx2() {
-  static const bool use = [] {
-    const char* isa = std::getenv("CUBE_CPU_ISA");
-    if (isa != nullptr && std::strcmp(isa, "baseline") == 0) return false;
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
+  static const bool use =
+      !baseline_forced() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return use;
 }
 

@@ -76,8 +76,8 @@ CellConfig check_rollout(const char* op, const at::Tensor& x,
                          double fire_rate, c10::optional<int64_t> alive_channel) {
   check_tensor(op, x, "x", 5, x, "x");
   check_rows(op, x, "x");
-  const CellConfig cfg{seed, parse_neighbourhood(op, neighbourhood),
-                       parse_boundary(op, boundary), fire_rate};
+  CellConfig cfg{seed, parse_neighbourhood(op, neighbourhood), parse_boundary(op, boundary),
+                 fire_rate};
   const int K = num_tokens(cfg.neighbourhood);
   check_mask_args(op, seed, 0, fire_rate);
   const int64_t C = x.size(4);
@@ -107,6 +107,7 @@ CellConfig check_rollout(const char* op, const at::Tensor& x,
                           s.size(3) >= 1 && s.size(3) <= C,
                       op, ": inject must be [B, H, W, E] with E <= C = ", C, ", got ", s.sizes());
   }
+  cfg.bf16_gemm = bf16_gemm_for(x.scalar_type(), C, F);
   return cfg;
 }
 
