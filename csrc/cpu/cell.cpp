@@ -21,8 +21,9 @@
 // The GEMMs run one band at a time on oneDNN's fp32 micro-kernel (cpublas::brgemm, fp32
 // accumulation) for fp32, bf16 and fp16 states: everything in a band buffer is fp32, only the
 // state is stored in its dtype. Where CellConfig::bf16_gemm says so (bf16 states on a CPU with
-// AVX512-BF16), they run on its bf16 micro-kernel instead, their operands rounded to bf16 from
-// the band buffers (Weight::times, add_at_b), the sums still fp32 (docs/performance.md "bf16").
+// AVX512-BF16), all but dh run on its bf16 micro-kernel instead, their operands rounded to bf16
+// from the band buffers (Weight::times, add_at_b), the sums still fp32 (docs/performance.md
+// "bf16").
 // float64 (gradcheck) runs the same plan with a plain loop GEMM.
 // Weight gradients: one partial sum per task, in a fixed row order, added in task order; the
 // tasks depend on the shapes only, so every bit of them is the same for any thread count.
@@ -838,12 +839,14 @@ at::Tensor cell_backward(const at::Tensor& grad, const at::Tensor& x, const Cell
     const at::Tensor w_in_t = p[kWIn].t().contiguous(), w_out_t = p[kWOut].t().contiguous();
     s.w_in_t = {w_in_t.const_data_ptr<scalar_t>(), nullptr, 2 * s.F, s.C};
     s.w_out_t = {w_out_t.const_data_ptr<scalar_t>(), nullptr, s.C, s.F};
-    at::Tensor w16[3];
+    // dh = d_delta @ w_out^T stays fp32: d_delta is the state's gradient from the next step,
+    // which the rollout keeps in fp32; rounding it here took the worst weight gradient's error
+    // from 7.3e-3 to 1.1e-2 at the bench's default config (docs/performance.md "bf16").
+    at::Tensor w16[2];
     if (cfg.bf16_gemm) {
-      w16[0] = vnni_bf16(p[kWIn]), w16[1] = vnni_bf16(w_in_t), w16[2] = vnni_bf16(w_out_t);
+      w16[0] = vnni_bf16(p[kWIn]), w16[1] = vnni_bf16(w_in_t);
       s.w_in.w16 = w16[0].const_data_ptr<at::BFloat16>();
       s.w_in_t.w16 = w16[1].const_data_ptr<at::BFloat16>();
-      s.w_out_t.w16 = w16[2].const_data_ptr<at::BFloat16>();
     }
     const GradLayout layout(p);
     const int64_t tasks = s.tasks();

@@ -20,9 +20,10 @@ struct CellConfig {
 };
 
 // Whether a rollout of `dtype` states with C channels and hidden width F runs the cell's GEMMs
-// (the projections, their recompute and their gradients) on oneDNN's bf16 micro-kernel: bf16
-// states, C and F even (the kernel reads K in pairs), and a CPU with AVX512-BF16. Their inputs
-// are then rounded to bf16, as autocast rounds a linear layer's; they still accumulate in fp32.
+// (the projections, their recompute and their gradients, all but dh) on oneDNN's bf16
+// micro-kernel: bf16 states, C and F even (the kernel reads K in pairs), and a CPU with
+// AVX512-BF16. Their inputs are then rounded to bf16, as autocast rounds a linear layer's; they
+// still accumulate in fp32.
 bool bf16_gemm_for(at::ScalarType dtype, int64_t C, int64_t F);
 
 // Whether this CPU runs the bf16 micro-kernel (AVX512-BF16 without AMX; not with
