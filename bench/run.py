@@ -305,8 +305,8 @@ def main(argv=None) -> int:
     m["load_average_1min"] = quiet["load"]
     results = {"schema": 1, "command": command_line(argv), "mode": "quick" if args.quick else "full",
                "machine": m, "config": cfg.to_dict(), "warmup": warmup, "repeats": repeats,
-               "gemm": [], "comparison": [], "growth": [], "sizes": [], "bf16": [], "scaling": [], "large": [], "inference": [],
-               "trainer": [], "quiet": quiet}
+               "gemm": [], "comparison": [], "growth": [], "sizes": [], "bf16": [], "scaling": [], "large": [],
+               "inference": [], "trainer": [], "quiet": quiet}
     start = time.perf_counter()
     cpu_start = machine.cpu_seconds()
 

@@ -28,7 +28,8 @@ std::string build_info() {
 #else
   info += ";cuda=0";
 #endif
-  return info + ";cpu_isa=" + cube::cpu_isa() + ";bf16_gemm=" + (cube::bf16_micro_kernel() ? "1" : "0");
+  return info + ";cpu_isa=" + cube::cpu_isa() +
+         ";bf16_gemm=" + (cube::bf16_micro_kernel() ? "1" : "0");
 }
 
 }  // namespace

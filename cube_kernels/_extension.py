@@ -27,7 +27,8 @@ def _import_c():
 
 def build_info() -> dict[str, str]:
     """What the loaded ``_C`` was compiled against and the instruction set its CPU kernels use
-    here, e.g. ``{"torch": "2.13.0", "cuda": "0", "cpu_isa": "avx2"}``."""
+    here, and whether bf16 states run the CPU's bf16 micro-kernel, e.g. ``{"torch": "2.13.0",
+    "cuda": "0", "cpu_isa": "avx2", "bf16_gemm": "0"}``."""
     return dict(item.split("=", 1) for item in torch.ops.cube.build_info().split(";"))
 
 
