@@ -143,10 +143,35 @@ def test_bf16_micro_kernel_where_the_cpu_has_avx512_bf16():
         warnings.simplefilter("ignore")
         if not _extension.load():
             pytest.skip("cube_kernels._C is not built")
+    if "ONEDNN_MAX_CPU_ISA" in os.environ or "DNNL_MAX_CPU_ISA" in os.environ:
+        pytest.skip("oneDNN is capped here (the next test)")
     caps = torch._C._cpu._get_cpu_capability()
     expected = (caps.get("avx512_bf16", False) and not caps.get("amx_bf16", False)
                 and os.environ.get("CUBE_CPU_ISA") != "baseline")
     assert _extension.build_info()["bf16_gemm"] == ("1" if expected else "0")
+
+
+def test_bf16_rollout_with_onednn_capped_below_bf16():
+    """ONEDNN_MAX_CPU_ISA=AVX512_CORE leaves the CPU's flags as they are but takes oneDNN's bf16
+    kernels away: bf16 states then run the fp32 GEMMs, forward and backward, instead of failing
+    with oneDNN's "could not generate a kernel"."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if not _extension.load():
+            pytest.skip("cube_kernels._C is not built")
+    script = textwrap.dedent("""
+        import torch
+        from cube_kernels import CubeLattice, _extension
+        lattice = CubeLattice(2, 3, 5, channels=14, hidden=10, backend="cpu").bfloat16()
+        y = lattice(torch.randn(1, 2, 3, 5, 14).bfloat16(), steps=2, seed=0)
+        y.float().square().sum().backward()
+        assert all(p.grad.isfinite().all() for p in lattice.parameters())
+        print("bf16_gemm", _extension.build_info()["bf16_gemm"])
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX512_CORE"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "bf16_gemm 0" in done.stdout
 
 
 def test_import_cube_kernels_registers_the_ops_autograd_and_fakes():

@@ -791,9 +791,29 @@ Step<scalar_t> make_step(const at::Tensor& x, const CellParams& p, const CellCon
   return s;
 }
 
+// Whether oneDNN's bf16 brgemm runs here: a CPU with AVX512-BF16 may have oneDNN capped below it
+// (ONEDNN_MAX_CPU_ISA), and then the call throws. One product of small integers, so exact.
+bool bf16_brgemm_runs() {
+  constexpr int64_t N = 16;
+  const at::BFloat16 a[2] = {1.0f, 2.0f};
+  at::BFloat16 b[2 * N];  // B [2, N] in VNNI pairs: B[0][j] = j, B[1][j] = 3
+  float c[N];
+  for (int64_t j = 0; j < N; ++j) b[2 * j] = static_cast<float>(j), b[2 * j + 1] = 3.0f;
+  try {
+    gemm(1, N, 2, a, 2, b, c, N, false);
+    at::native::cpublas::brgemm_release();
+  } catch (const std::exception&) {
+    return false;
+  }
+  for (int64_t j = 0; j < N; ++j)
+    if (c[j] != static_cast<float>(j + 6)) return false;
+  return true;
+}
+
 }  // namespace
 
 bool bf16_micro_kernel() {
+  if (!at::globalContext().userEnabledMkldnn()) return false;
   static const bool here = [] {
     if (baseline_forced()) return false;
     const auto caps = at::cpu::get_cpu_capabilities();
@@ -801,9 +821,9 @@ bool bf16_micro_kernel() {
       const auto it = caps.find(name);
       return it != caps.end() && it->second.isBool() && it->second.toBool();
     };
-    return has("avx512_bf16") && !has("amx_bf16");
+    return has("avx512_bf16") && !has("amx_bf16") && bf16_brgemm_runs();
   }();
-  return here && at::globalContext().userEnabledMkldnn();
+  return here;
 }
 
 bool bf16_gemm_for(at::ScalarType dtype, int64_t C, int64_t F) {

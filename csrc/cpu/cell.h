@@ -26,8 +26,8 @@ struct CellConfig {
 // still accumulate in fp32.
 bool bf16_gemm_for(at::ScalarType dtype, int64_t C, int64_t F);
 
-// Whether this CPU runs the bf16 micro-kernel (AVX512-BF16 without AMX; not with
-// CUBE_CPU_ISA=baseline).
+// Whether this CPU runs the bf16 micro-kernel: AVX512-BF16 without AMX, oneDNN's bf16 brgemm
+// not capped below it (ONEDNN_MAX_CPU_ISA), mkldnn enabled, and not CUBE_CPU_ISA=baseline.
 bool bf16_micro_kernel();
 
 // The plane that the unwrapped d-index e stands for, or -1 beyond a zero boundary.
