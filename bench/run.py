@@ -339,8 +339,9 @@ def main(argv=None) -> int:
         results["sizes"] = compare([{**ours, "config": c.to_dict(), "check": False} for c in sizes], args, repeats)
     if ours is not None and not args.no_bf16 and cfg.dtype == "float32":
         low = cfg.with_(dtype="bfloat16").to_dict()
-        print("bf16: ours in fp32 and bf16, torch.compile in bf16", flush=True)
-        compiled = [{**base_job, "impl": "compile", "config": low, "check": True}]
+        compiled = ([{**base_job, "impl": "compile", "config": low, "check": True}]
+                    if "compile" in args.backends else [])
+        print("bf16: ours in fp32 and bf16" + (", torch.compile in bf16" if compiled else ""), flush=True)
         results["bf16"] = compare([{**ours, "check": False}, {**ours, "config": low}] + compiled, args, repeats)
     if args.profile:
         for job, row in zip(jobs, results["comparison"]):

@@ -132,19 +132,10 @@ struct Band {
 
 constexpr int64_t kMaxTokens = 27;  // Moore
 
-// The bits of v rounded to bf16 (to nearest even, NaN to a quiet NaN: as at::BFloat16(float)),
-// on integers so that the loops below vectorise.
-CUBE_ALWAYS_INLINE uint32_t bf16_bits(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof(u));
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  return (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded;
-}
-
-// dst = src rounded to bf16.
+// dst = src rounded to bf16 (at::BFloat16's rounding, which the compiler vectorises here).
 CUBE_ALWAYS_INLINE void round_to_bf16(const float* __restrict__ src, int64_t n,
                                       at::BFloat16* __restrict__ dst) {
-  for (int64_t i = 0; i < n; ++i) dst[i].x = static_cast<uint16_t>(bf16_bits(src[i]));
+  for (int64_t i = 0; i < n; ++i) dst[i] = at::BFloat16(src[i]);
 }
 
 // Two rows a, b of n values as one row of VNNI pairs, rounded to bf16: dst[2j] = a[j],
@@ -152,8 +143,8 @@ CUBE_ALWAYS_INLINE void round_to_bf16(const float* __restrict__ src, int64_t n,
 CUBE_ALWAYS_INLINE void pair_to_bf16(const float* __restrict__ a, const float* __restrict__ b,
                                      int64_t n, at::BFloat16* __restrict__ dst) {
   for (int64_t j = 0; j < n; ++j) {
-    const uint32_t pair = bf16_bits(a[j]) | (b == nullptr ? 0u : bf16_bits(b[j]) << 16);
-    std::memcpy(dst + 2 * j, &pair, sizeof(pair));
+    dst[2 * j] = at::BFloat16(a[j]);
+    dst[2 * j + 1] = at::BFloat16(b == nullptr ? 0.0f : b[j]);
   }
 }
 
@@ -431,7 +422,7 @@ CUBE_ALWAYS_INLINE void add_at_b(int64_t n, int64_t M, int64_t N, const acc_t* a
       const int64_t K = n + n % 2;
       for (int64_t m = 0; m < M; ++m) {
         round_to_bf16(a_t + m * n, n, a16 + m * K);
-        if (K > n) a16[m * K + n].x = 0;
+        if (K > n) a16[m * K + n] = at::BFloat16(0.0f);
       }
       for (int64_t q = 0; q < n; q += 2)
         pair_to_bf16(b + q * N, q + 1 < n ? b + (q + 1) * N : nullptr, N, b16 + q * N);
