@@ -50,6 +50,7 @@
 #include "cpu/cell.h"
 #include "cpu/loops.h"
 #include "cpu/row_math.h"
+#include "cpu/vec.h"
 
 namespace cube {
 namespace {
@@ -241,66 +242,6 @@ struct Padded {
 // -Wpsabi warns about.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"
-
-// A register of kLanes channels (gcc's generic vectors: one AVX2 register of floats, two SSE2
-// ones on the baseline), or one channel where Vec is acc_t itself. The loops below spell their
-// registers out: gcc does not vectorise them when written over arrays of channels.
-template <typename acc_t>
-struct Lanes {
-  typedef acc_t type __attribute__((vector_size(kLanes * sizeof(acc_t))));
-};
-
-template <typename Vec>
-CUBE_ALWAYS_INLINE Vec load(const void* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof(Vec));
-  return v;
-}
-
-template <typename Vec>
-CUBE_ALWAYS_INLINE void store(void* p, const Vec& v) {
-  std::memcpy(p, &v, sizeof(Vec));
-}
-
-// The 2x2 block swap of one round of an 8 x 8 transpose, on rows i and i + kB (bit kB of i
-// clear): the upper-right kB x kB block of each 2kB x 2kB tile trades places with the
-// lower-left one. The rounds kB = 4, 2, 1 together transpose the 8 x 8 block.
-template <int kB, typename Vec>
-CUBE_ALWAYS_INLINE void swap_blocks(Vec* r) {
-  using Index = decltype(r[0] < r[0]);  // integer lanes of the element's width
-  constexpr Index lo = {0 & kB ? 8 + 0 - kB : 0, 1 & kB ? 8 + 1 - kB : 1, 2 & kB ? 8 + 2 - kB : 2,
-                        3 & kB ? 8 + 3 - kB : 3, 4 & kB ? 8 + 4 - kB : 4, 5 & kB ? 8 + 5 - kB : 5,
-                        6 & kB ? 8 + 6 - kB : 6, 7 & kB ? 8 + 7 - kB : 7};
-  constexpr Index hi = {0 & kB ? 8 + 0 : 0 + kB, 1 & kB ? 8 + 1 : 1 + kB, 2 & kB ? 8 + 2 : 2 + kB,
-                        3 & kB ? 8 + 3 : 3 + kB, 4 & kB ? 8 + 4 : 4 + kB, 5 & kB ? 8 + 5 : 5 + kB,
-                        6 & kB ? 8 + 6 : 6 + kB, 7 & kB ? 8 + 7 : 7 + kB};
-  for (int i = 0; i < 8; ++i) {
-    if (i & kB) continue;
-    const Vec a = r[i], b = r[i + kB];
-    r[i] = __builtin_shuffle(a, b, lo);
-    r[i + kB] = __builtin_shuffle(a, b, hi);
-  }
-}
-
-// out[c, r] = a[r, c] for a [rows, cols] (row stride lda): 8 x 8 blocks in registers (24
-// shuffles each), the rows and columns past the last whole block one value at a time.
-template <typename T>
-CUBE_ALWAYS_INLINE void transpose(const T* a, int64_t rows, int64_t cols, int64_t lda, T* out) {
-  using Vec = typename Lanes<T>::type;
-  static_assert(kLanes == 8, "the block transpose is 8 x 8");
-  const int64_t rows8 = rows - rows % 8, cols8 = cols - cols % 8;
-  for (int64_t r0 = 0; r0 < rows8; r0 += 8)
-    for (int64_t c0 = 0; c0 < cols8; c0 += 8) {
-      Vec r[8];
-      for (int i = 0; i < 8; ++i) r[i] = load<Vec>(a + (r0 + i) * lda + c0);
-      swap_blocks<4>(r);
-      swap_blocks<2>(r);
-      swap_blocks<1>(r);
-      for (int i = 0; i < 8; ++i) store(out + (c0 + i) * rows + r0, r[i]);
-    }
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = r < rows8 ? cols8 : 0; c < cols; ++c) out[c * rows + r] = a[r * lda + c];
-}
 
 // One group of G tokens of the stencil on the channels [f0, f0 + lanes of Vec) of every cell of
 // a plane: out[q, f] = (first ? bias[f] (0 without bias) : out[q, f])
@@ -497,8 +438,14 @@ struct Step {
   CUBE_ALWAYS_INLINE void project(int64_t b, int64_t d, const Band& band, acc_t* y, acc_t* z,
                                   acc_t* buf, at::BFloat16* a16) const {
     const int64_t l0 = band.first * W, l1 = band.last * W;
-    for (int64_t l = l0; l < l1; ++l)
-      rows::layer_norm(row(b, d, cell(band, l), buf), p[kLn1W], p[kLn1B], C, y + l * C);
+    for (int64_t l = l0; l < l1; l += kLanes) {
+      const int64_t R = std::min(kLanes, l1 - l);
+      for (int64_t r = 0; r < R; ++r) {
+        const acc_t* v = row(b, d, cell(band, l + r), buf);
+        std::copy(v, v + C, y + (l + r) * C);
+      }
+      rows::layer_norm_rows(y + l * C, C, R, p[kLn1W], p[kLn1B], C);
+    }
     w_in.times(l1 - l0, y + l0 * C, C, z + l0 * 2 * F, a16);
   }
 
@@ -561,11 +508,12 @@ struct ForwardTasks {
           acc_t* z = ring_slot(ring, slot, e, d0);
           acc_t* vn = z + L * 2 * F;
           s.project(b, pe, band, y, z, buf, a16.data());
-          for (int64_t l = band.first * W; l < band.last * W; ++l) {
-            acc_t* zl = z + l * 2 * F;
-            rows::gate_input(zl, s.p[kBIn], s.p[kLn2W], s.p[kLn2B], F, zl, zl + F);
-            bp.put(vn, bp.local(l), zl + F);
-          }
+          const int64_t l0 = band.first * W, l1 = band.last * W;
+          for (int64_t l = l0; l < l1; l += kLanes)
+            rows::gate_input_rows(z + l * 2 * F, std::min(kLanes, l1 - l), s.p[kBIn],
+                                  s.p[kLn2W], s.p[kLn2B], F, z + l * 2 * F, z + l * 2 * F + F,
+                                  2 * F);
+          for (int64_t l = l0; l < l1; ++l) bp.put(vn, bp.local(l), z + l * 2 * F + F);
           bp.fill_halo(vn, band, s.boundary);
         }
         const int64_t d = e - 1;  // plane d has its neighbours now
@@ -626,7 +574,8 @@ struct BackwardTasks {
     const int64_t rstd_at = vhat_at + L * F, dd_at = rstd_at + L, dh_at = dd_at + L * C;
     const int64_t dg_at = dh_at + L * F, slot = dg_at + pad;
     std::vector<acc_t> mem(static_cast<size_t>(3 * slot + pad + N * (3 * F + 3 * C) +
-                                               L * (3 * F + C) + N + F + 3 * C));
+                                               L * (3 * F + C) + N + kLanes * F + C +
+                                               2 * kLanes * C));
     acc_t* ring = mem.data();
     acc_t* zeros = ring + 3 * slot;  // a padded band of zeros: a d-plane the boundary leaves out
     acc_t* h = zeros + pad;      // [N, F]
@@ -639,10 +588,10 @@ struct BackwardTasks {
     acc_t* xhat = y_t + N * C;   // [N, C]
     acc_t* dy = xhat + N * C;    // [N, C]
     acc_t* rstd = dy + N * C;    // [N]
-    acc_t* g_ln = rstd + N;      // [F]
-    acc_t* buf = g_ln + F;       // [C]
-    acc_t* ln = buf + C;         // [C]
-    acc_t* dxq = ln + C;         // [C]
+    acc_t* g_ln = rstd + N;          // [kLanes, F]
+    acc_t* buf = g_ln + kLanes * F;  // [C]
+    acc_t* ln = buf + C;             // [kLanes, C]
+    acc_t* dxq = ln + kLanes * C;    // [kLanes, C]
     // bf16 copies of GEMM operands: Weight::times's and add_at_b's
     std::vector<at::BFloat16> a16(static_cast<size_t>(s.bf16 ? 2 * L * std::max(C, 2 * F) : 0));
     at::BFloat16* b16 = a16.data() + a16.size() / 2;
@@ -662,10 +611,11 @@ struct BackwardTasks {
           acc_t *u = sl + u_at, *vn = sl + vn_at, *d_delta = sl + dd_at, *dh = sl + dh_at;
           acc_t* dg = sl + dg_at;
           s.project(b, pe, band, y, dz, buf, a16.data());
-          for (int64_t l = l0; l < l1; ++l)
-            sl[rstd_at + l] = rows::gate_input_saving(
-                dz + l * 2 * F, s.p[kBIn], s.p[kLn2W], s.p[kLn2B], F, u + l * F, dvn + l * F,
-                sl + dgelu_at + l * 2 * F, sl + vhat_at + l * F);
+          for (int64_t l = l0; l < l1; l += kLanes)
+            rows::gate_input_saving_rows(dz + l * 2 * F, std::min(kLanes, l1 - l), s.p[kBIn],
+                                         s.p[kLn2W], s.p[kLn2B], F, u + l * F, dvn + l * F,
+                                         sl + dgelu_at + l * 2 * F, sl + vhat_at + l * F,
+                                         sl + rstd_at + l);
           for (int64_t l = l0; l < l1; ++l) bp.put(vn, bp.local(l), dvn + l * F);  // dvn: free here
           for (int64_t l = l0; l < l1; ++l) {
             const int64_t q = s.cell(band, l);
@@ -723,30 +673,37 @@ struct BackwardTasks {
         for (int64_t q = 0; q < n; ++q)
           for (int64_t c = 0; c < C; ++c) pg[kBOut][c] += d_delta[q * C + c];
         // Gate input backward: dz_pre, dln2_weight, dln2_bias, db_in.
-        for (int64_t q = 0; q < n; ++q)
-          rows::gate_input_backward(du + q * F, dvn + q * F, dgelu + q * 2 * F, vhat + q * F,
-                                    ln2_rstd[q], s.p[kLn2W], F, g_ln, dz + q * 2 * F, pg[kLn2W],
-                                    pg[kLn2B], pg[kBIn]);
+        for (int64_t q = 0; q < n; q += kLanes)
+          rows::gate_input_backward_rows(du + q * F, dvn + q * F, dgelu + q * 2 * F,
+                                         vhat + q * F, ln2_rstd + q, std::min(kLanes, n - q),
+                                         s.p[kLn2W], F, g_ln, dz + q * 2 * F, pg[kLn2W],
+                                         pg[kLn2B], pg[kBIn]);
         // In-projection backward: dw_in += y^T dz_pre, dy = dz_pre @ w_in^T (y recomputed).
-        for (int64_t q = 0; q < n; ++q) {
-          const acc_t* xq = s.row(b, d, c0 + q, buf);
-          acc_t* __restrict__ xh = xhat + q * C;
-          std::copy(xq, xq + C, xh);
-          rstd[q] = rows::centre(xh, C);
-          acc_t* __restrict__ yq = y + q * C;
-          for (int64_t c = 0; c < C; ++c) {
-            xh[c] *= rstd[q];
-            yq[c] = xh[c] * s.p[kLn1W][c] + s.p[kLn1B][c];
+        for (int64_t q0 = 0; q0 < n; q0 += kLanes) {
+          const int64_t R = std::min(kLanes, n - q0);
+          for (int64_t q = q0; q < q0 + R; ++q) {
+            const acc_t* xq = s.row(b, d, c0 + q, buf);
+            std::copy(xq, xq + C, xhat + q * C);
+          }
+          rows::centre_rows(xhat + q0 * C, C, R, C, rstd + q0);
+          for (int64_t q = q0; q < q0 + R; ++q) {
+            acc_t* __restrict__ xh = xhat + q * C;
+            acc_t* __restrict__ yq = y + q * C;
+            for (int64_t c = 0; c < C; ++c) {
+              xh[c] *= rstd[q];
+              yq[c] = xh[c] * s.p[kLn1W][c] + s.p[kLn1B][c];
+            }
           }
         }
         add_at_b(n, C, 2 * F, y, dz, pg[kWIn], y_t, s.bf16, a16.data(), b16);
         s.w_in_t.times(n, dz, 2 * F, dy, a16.data());
         // LayerNorm backward and the residual.
-        for (int64_t q = 0; q < n; ++q) {
-          const int64_t r = ((b * s.D + d) * P + c0 + q) * C;
-          rows::layer_norm_backward(xhat + q * C, dy + q * C, s.p[kLn1W], rstd[q], C, ln, dxq,
-                                    pg[kLn1W], pg[kLn1B]);
-          for (int64_t c = 0; c < C; ++c) dx[r + c] = dxq[c] + grad[r + c];
+        for (int64_t q = 0; q < n; q += kLanes) {
+          const int64_t R = std::min(kLanes, n - q);
+          rows::layer_norm_backward_rows(xhat + q * C, dy + q * C, C, R, s.p[kLn1W], rstd + q, C,
+                                         ln, dxq, C, pg[kLn1W], pg[kLn1B]);
+          const int64_t r0 = ((b * s.D + d) * P + c0 + q) * C;
+          for (int64_t i = 0; i < R * C; ++i) dx[r0 + i] = dxq[i] + grad[r0 + i];
         }
       }
     }

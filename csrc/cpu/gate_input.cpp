@@ -1,4 +1,5 @@
-// CPU GELU + gate LayerNorm of the in-projection (SPEC.md "One step"), one pass per row:
+// CPU GELU + gate LayerNorm of the in-projection (SPEC.md "One step"), one pass per row
+// (kLanes rows at a time, cpu/row_math.h):
 //   forward   u = gelu(a), vn = layer_norm(gelu(b)) * ln2_weight + ln2_bias,
 //             [a | b] = proj row + b_in (proj = y @ w_in: adding the bias here saves the GEMM
 //             a pass that broadcasts it into its output)
@@ -79,16 +80,17 @@ CUBE_ALWAYS_INLINE void store(scalar_t* p, const acc_t* buf, int64_t n) {
   }
 }
 
-// Scratch rows of one task, in the accumulation type.
+// Scratch rows of one task, kLanes of each, in the accumulation type.
 template <typename acc_t>
 struct Scratch {
   std::vector<acc_t> mem;
-  // z, dgelu, out_b: 2F; the others: F
+  // z, dgelu, out_b: rows of 2F; the others: rows of F
   acc_t *z, *grad_u, *grad_vn, *out_a, *out_b, *u, *vn, *dgelu, *vhat, *g;
-  explicit Scratch(int64_t F) : mem(static_cast<size_t>(14 * F)) {
-    z = mem.data(), grad_u = z + 2 * F, grad_vn = grad_u + F, out_a = grad_vn + F;
-    out_b = out_a + F, u = out_b + 2 * F, vn = u + F, dgelu = vn + F, vhat = dgelu + 2 * F;
-    g = vhat + F;
+  explicit Scratch(int64_t F) : mem(static_cast<size_t>(kLanes * 14 * F)) {
+    const int64_t n = kLanes * F;
+    z = mem.data(), grad_u = z + 2 * n, grad_vn = grad_u + n, out_a = grad_vn + n;
+    out_b = out_a + n, u = out_b + 2 * n, vn = u + n, dgelu = vn + n, vhat = dgelu + 2 * n;
+    g = vhat + n;
   }
 };
 
@@ -99,13 +101,14 @@ struct ForwardRows {
                                      const int64_t& end) {
     const int64_t F = o.F;
     Scratch<acc_t> s(F);
-    for (int64_t r = begin; r < end; ++r) {
-      const acc_t* __restrict__ z = load(o.proj + r * 2 * F, 2 * F, s.z);
+    for (int64_t r = begin; r < end; r += kLanes) {  // groups of rows: cpu/row_math.h
+      const int64_t R = std::min(kLanes, end - r);
+      const acc_t* z = load(o.proj + r * 2 * F, R * 2 * F, s.z);
       acc_t* u = output(o.u + r * F, s.out_a);
       acc_t* vn = output(o.vn + r * F, s.out_b);
-      rows::gate_input(z, o.bias, o.w, o.b, F, u, vn);
-      store(o.u + r * F, u, F);
-      store(o.vn + r * F, vn, F);
+      rows::gate_input_rows(z, R, o.bias, o.w, o.b, F, u, vn, F);
+      store(o.u + r * F, u, R * F);
+      store(o.vn + r * F, vn, R * F);
     }
   }
 };
@@ -123,14 +126,17 @@ struct BackwardBlocks {
       acc_t* __restrict__ pz = pb + F;                    // db_in (2F)
       std::fill(pw, pw + 4 * F, acc_t(0));
       const int64_t row_end = std::min(o.rows, (blk + 1) * kRowsPerPartial);
-      for (int64_t r = blk * kRowsPerPartial; r < row_end; ++r) {
-        const acc_t* __restrict__ z = load(o.proj + r * 2 * F, 2 * F, s.z);
-        const acc_t* __restrict__ gu = load(o.grad_u + r * F, F, s.grad_u);
-        const acc_t* __restrict__ gvn = load(o.grad_vn + r * F, F, s.grad_vn);
+      for (int64_t r = blk * kRowsPerPartial; r < row_end; r += kLanes) {
+        const int64_t R = std::min(kLanes, row_end - r);
+        const acc_t* __restrict__ z = load(o.proj + r * 2 * F, R * 2 * F, s.z);
+        const acc_t* __restrict__ gu = load(o.grad_u + r * F, R * F, s.grad_u);
+        const acc_t* __restrict__ gvn = load(o.grad_vn + r * F, R * F, s.grad_vn);
         acc_t* dz = output(o.dz_pre + r * 2 * F, s.out_b);
-        const acc_t rstd = rows::gate_input_saving(z, o.bias, o.w, o.b, F, s.u, s.vn, s.dgelu, s.vhat);
-        rows::gate_input_backward(gu, gvn, s.dgelu, s.vhat, rstd, o.w, F, s.g, dz, pw, pb, pz);
-        store(o.dz_pre + r * 2 * F, dz, 2 * F);
+        acc_t rstd[kLanes];
+        rows::gate_input_saving_rows(z, R, o.bias, o.w, o.b, F, s.u, s.vn, s.dgelu, s.vhat, rstd);
+        rows::gate_input_backward_rows(gu, gvn, s.dgelu, s.vhat, rstd, R, o.w, F, s.g, dz, pw, pb,
+                                       pz);
+        store(o.dz_pre + r * 2 * F, dz, R * 2 * F);
       }
     }
   }

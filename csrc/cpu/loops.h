@@ -53,35 +53,8 @@ void run_best_isa(const Args&... args) {
   Kernel::run(args...);
 }
 
-// Sums whose order is fixed: kLanes interleaved partial sums (one AVX2 register of floats), added
-// together at the end. The compiler vectorises them without reassociating (no -ffast-math), and
-// the result does not depend on the vector width or the thread count.
+// The channels of a register of floats under AVX2: the CPU kernels' vector width.
 constexpr int64_t kLanes = 8;
-
-// The kLanes partial sums added together, in lane order.
-template <typename T>
-CUBE_ALWAYS_INLINE T sum_lanes(const T* acc) {
-  T s = acc[0];
-  for (int64_t j = 1; j < kLanes; ++j) s += acc[j];
-  return s;
-}
-
-// sum_i x[i] * y[i] (y == nullptr: sum_i x[i]).
-template <typename T>
-CUBE_ALWAYS_INLINE T fixed_order_dot(const T* __restrict__ x, const T* __restrict__ y, int64_t n) {
-  T acc[kLanes] = {};
-  int64_t i = 0;
-  if (y == nullptr) {
-    for (; i + kLanes <= n; i += kLanes)
-      for (int64_t j = 0; j < kLanes; ++j) acc[j] += x[i + j];
-    for (int64_t j = 0; i + j < n; ++j) acc[j] += x[i + j];
-  } else {
-    for (; i + kLanes <= n; i += kLanes)
-      for (int64_t j = 0; j < kLanes; ++j) acc[j] += x[i + j] * y[i + j];
-    for (int64_t j = 0; i + j < n; ++j) acc[j] += x[i + j] * y[i + j];
-  }
-  return sum_lanes(acc);
-}
 
 // Deterministic reductions over rows (weight gradients): each fixed block of rows writes its own
 // row of `partial` ([blocks, width]); total[e] = sum of the blocks' partials in block order.
