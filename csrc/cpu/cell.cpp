@@ -385,7 +385,6 @@ struct Step {
   const acc_t* p[kNumCellParams];
   Weight<acc_t> w_in, w_out;      // [C, 2F], [F, C]
   Weight<acc_t> w_in_t, w_out_t;  // backward: w_in^T [2F, C], w_out^T [C, F]
-  bool bf16;                      // the GEMMs on the bf16 micro-kernel (CellConfig::bf16_gemm)
   int dd[kMaxTokens];         // token k's offset in d
   int64_t off[kMaxTokens];    // its offset in (h, w) as rows of a padded plane
   int64_t off_t[kMaxTokens];  // -off: backward's transposed stencil
@@ -395,6 +394,9 @@ struct Step {
   int64_t chunks;  // per batch item
   int64_t bands;   // per plane
   LivePlanes live;
+
+  // Whether the GEMMs run on the bf16 micro-kernel (CellConfig::bf16_gemm).
+  bool bf16() const { return w_in.w16 != nullptr; }
 
   // Whether plane d of item b is computed.
   bool computes(int64_t b, int64_t d) const { return live == nullptr || live[b * D + d] != 0; }
@@ -495,7 +497,7 @@ struct ForwardTasks {
     acc_t* delta = y + L * C;         // [N, C]
     acc_t* h = delta + N * C;         // [N, F]
     acc_t* buf = h + N * F;           // one state row
-    std::vector<at::BFloat16> a16(static_cast<size_t>(s.bf16 ? L * std::max(C, F) : 0));
+    std::vector<at::BFloat16> a16(static_cast<size_t>(s.bf16() ? L * std::max(C, F) : 0));
     const acc_t* __restrict__ b_out = s.p[kBOut];
     for (int64_t task = begin; task < end; ++task) {
       int64_t b, d0, d1;
@@ -593,7 +595,7 @@ struct BackwardTasks {
     acc_t* ln = buf + C;             // [kLanes, C]
     acc_t* dxq = ln + kLanes * C;    // [kLanes, C]
     // bf16 copies of GEMM operands: Weight::times's and add_at_b's
-    std::vector<at::BFloat16> a16(static_cast<size_t>(s.bf16 ? 2 * L * std::max(C, 2 * F) : 0));
+    std::vector<at::BFloat16> a16(static_cast<size_t>(s.bf16() ? 2 * L * std::max(C, 2 * F) : 0));
     at::BFloat16* b16 = a16.data() + a16.size() / 2;
     for (int64_t task = begin; task < end; ++task) {
       int64_t b, d0, d1;
@@ -669,7 +671,7 @@ struct BackwardTasks {
         s.token_planes(dg_planes, zeros, -1, src);
         stencil<acc_t>(src, s.off_t, s.p[kWSp], nullptr, K, bp, dvn);
         // Out-projection backward: dw_out += h^T d_delta, db_out += sum d_delta.
-        add_at_b(n, F, C, h, d_delta, pg[kWOut], h_t, s.bf16, a16.data(), b16);
+        add_at_b(n, F, C, h, d_delta, pg[kWOut], h_t, s.bf16(), a16.data(), b16);
         for (int64_t q = 0; q < n; ++q)
           for (int64_t c = 0; c < C; ++c) pg[kBOut][c] += d_delta[q * C + c];
         // Gate input backward: dz_pre, dln2_weight, dln2_bias, db_in.
@@ -695,7 +697,7 @@ struct BackwardTasks {
             }
           }
         }
-        add_at_b(n, C, 2 * F, y, dz, pg[kWIn], y_t, s.bf16, a16.data(), b16);
+        add_at_b(n, C, 2 * F, y, dz, pg[kWIn], y_t, s.bf16(), a16.data(), b16);
         s.w_in_t.times(n, dz, 2 * F, dy, a16.data());
         // LayerNorm backward and the residual.
         for (int64_t q = 0; q < n; q += kLanes) {
@@ -710,21 +712,27 @@ struct BackwardTasks {
   }
 };
 
+// The bf16 copy of a weight, where there is one.
+const at::BFloat16* bf16_or_null(const at::Tensor& w16) {
+  return w16.defined() ? w16.const_data_ptr<at::BFloat16>() : nullptr;
+}
+
 // The operands common to both directions.
 template <typename scalar_t>
-Step<scalar_t> make_step(const at::Tensor& x, const CellParams& p, const CellConfig& cfg,
-                         int64_t step, LivePlanes live) {
+Step<scalar_t> make_step(const at::Tensor& x, const CellParams& p, const CellWeights& w,
+                         const CellConfig& cfg, int64_t step, LivePlanes live) {
   using acc_t = at::opmath_type<scalar_t>;
   Step<scalar_t> s{};
   s.B = x.size(0), s.D = x.size(1), s.H = x.size(2), s.W = x.size(3), s.C = x.size(4);
   s.P = s.H * s.W;
   s.F = p[kWIn].size(1) / 2, s.K = num_tokens(cfg.neighbourhood);
   s.boundary = cfg.boundary;
-  s.bf16 = cfg.bf16_gemm;
   s.x = x.const_data_ptr<scalar_t>();
   for (int i = 0; i < kNumCellParams; ++i) s.p[i] = p[i].const_data_ptr<acc_t>();
-  s.w_in = {s.p[kWIn], nullptr, s.C, 2 * s.F};
-  s.w_out = {s.p[kWOut], nullptr, s.F, s.C};
+  s.w_in = {s.p[kWIn], bf16_or_null(w.w_in16), s.C, 2 * s.F};
+  s.w_out = {s.p[kWOut], bf16_or_null(w.w_out16), s.F, s.C};
+  s.w_in_t = {w.w_in_t.const_data_ptr<acc_t>(), bf16_or_null(w.w_in_t16), 2 * s.F, s.C};
+  s.w_out_t = {w.w_out_t.const_data_ptr<acc_t>(), nullptr, s.C, s.F};
   for (int k = 0; k < s.K; ++k) {
     int dh, dw;
     token_offset(cfg.neighbourhood, k, s.dd[k], dh, dw);
@@ -778,18 +786,26 @@ bool bf16_gemm_for(at::ScalarType dtype, int64_t C, int64_t F) {
   return dtype == at::kBFloat16 && C % 2 == 0 && F % 2 == 0 && bf16_micro_kernel();
 }
 
+CellWeights cell_weights(const CellParams& p, const CellConfig& cfg) {
+  CellWeights w;
+  w.w_in_t = p[kWIn].t().contiguous(), w.w_out_t = p[kWOut].t().contiguous();
+  // dh = d_delta @ w_out^T stays fp32: d_delta is the state's gradient from the next step,
+  // which the rollout keeps in fp32; rounding it here took the worst weight gradient's error
+  // from 7.3e-3 to 1.1e-2 at the bench's default config (docs/performance.md "bf16").
+  if (cfg.bf16_gemm) {
+    w.w_in16 = vnni_bf16(p[kWIn]), w.w_out16 = vnni_bf16(p[kWOut]);
+    w.w_in_t16 = vnni_bf16(w.w_in_t);
+  }
+  return w;
+}
+
 void cell_forward(const at::Tensor& x, const at::Tensor& inject, const CellParams& p,
-                  const CellConfig& cfg, int64_t step, const at::Tensor& out, LivePlanes live) {
+                  const CellWeights& w, const CellConfig& cfg, int64_t step,
+                  const at::Tensor& out, LivePlanes live) {
   if (x.numel() == 0) return;  // no cells (or no channels): nothing to compute
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "cube::cell_forward", [&] {
-    Step<scalar_t> s = make_step<scalar_t>(x, p, cfg, step, live);
+    Step<scalar_t> s = make_step<scalar_t>(x, p, w, cfg, step, live);
     if (inject.defined()) s.inject = inject.const_data_ptr<scalar_t>(), s.E = inject.size(-1);
-    at::Tensor w_in16, w_out16;
-    if (cfg.bf16_gemm) {
-      w_in16 = vnni_bf16(p[kWIn]), w_out16 = vnni_bf16(p[kWOut]);
-      s.w_in.w16 = w_in16.const_data_ptr<at::BFloat16>();
-      s.w_out.w16 = w_out16.const_data_ptr<at::BFloat16>();
-    }
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, s.tasks(), 1, [&](int64_t begin, int64_t end) {
       run_best_isa<ForwardTasks<scalar_t>>(s, o, begin, end);
@@ -799,23 +815,12 @@ void cell_forward(const at::Tensor& x, const at::Tensor& inject, const CellParam
 }
 
 at::Tensor cell_backward(const at::Tensor& grad, const at::Tensor& x, const CellParams& p,
-                         const CellConfig& cfg, int64_t step, CellParams& dp, LivePlanes live) {
+                         const CellWeights& w, const CellConfig& cfg, int64_t step,
+                         CellParams& dp, LivePlanes live) {
   at::Tensor dx = at::empty(x.sizes(), x.options());
   if (x.numel() == 0) return dx;  // no cells: no gradient to add
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cube::cell_backward", [&] {
-    Step<scalar_t> s = make_step<scalar_t>(x, p, cfg, step, live);
-    const at::Tensor w_in_t = p[kWIn].t().contiguous(), w_out_t = p[kWOut].t().contiguous();
-    s.w_in_t = {w_in_t.const_data_ptr<scalar_t>(), nullptr, 2 * s.F, s.C};
-    s.w_out_t = {w_out_t.const_data_ptr<scalar_t>(), nullptr, s.C, s.F};
-    // dh = d_delta @ w_out^T stays fp32: d_delta is the state's gradient from the next step,
-    // which the rollout keeps in fp32; rounding it here took the worst weight gradient's error
-    // from 7.3e-3 to 1.1e-2 at the bench's default config (docs/performance.md "bf16").
-    at::Tensor w16[2];
-    if (cfg.bf16_gemm) {
-      w16[0] = vnni_bf16(p[kWIn]), w16[1] = vnni_bf16(w_in_t);
-      s.w_in.w16 = w16[0].const_data_ptr<at::BFloat16>();
-      s.w_in_t.w16 = w16[1].const_data_ptr<at::BFloat16>();
-    }
+    Step<scalar_t> s = make_step<scalar_t>(x, p, w, cfg, step, live);
     const GradLayout layout(p);
     const int64_t tasks = s.tasks();
     std::vector<scalar_t> partials(static_cast<size_t>(tasks * layout.size()), scalar_t(0));

@@ -43,6 +43,16 @@ enum CellParam { kLn1W, kLn1B, kWIn, kBIn, kLn2W, kLn2B, kWSp, kBSp, kWOut, kBOu
 // float64 for float64).
 using CellParams = std::vector<at::Tensor>;
 
+// The weights as the cell's GEMMs read them, prepared once per rollout rather than per step:
+// the backward's transposes and, with cfg.bf16_gemm, the bf16 copies in the micro-kernel's
+// VNNI pairs (undefined without it; w_out^T has none: dh stays fp32, cpu/cell.cpp).
+struct CellWeights {
+  at::Tensor w_in_t, w_out_t;            // w_in^T [2F, C], w_out^T [C, F]
+  at::Tensor w_in16, w_out16, w_in_t16;  // [K/2][N][2] for each [K, N]
+};
+
+CellWeights cell_weights(const CellParams& p, const CellConfig& cfg);
+
 // `live`, where given (B * D bytes, plane (b, d) at b * D + d), says which d-planes to compute:
 // the others are written as zeros, and a plane is projected only where a live plane reads it.
 // The caller vouches that zero is their result (cpu/rollout.cpp, "Skipping quiet planes").
@@ -54,15 +64,15 @@ using LivePlanes = const uint8_t*;
 // of the front face (d = 0) are read from it instead of x. Every sum in the accumulation type,
 // each output rounded once to x's dtype.
 void cell_forward(const at::Tensor& x, const at::Tensor& inject, const CellParams& p,
-                  const CellConfig& cfg, int64_t step, const at::Tensor& out,
-                  LivePlanes live = nullptr);
+                  const CellWeights& w, const CellConfig& cfg, int64_t step,
+                  const at::Tensor& out, LivePlanes live = nullptr);
 
 // The backward of one step at the (already injected) state x, both x and `grad` (the gradient
 // of the step's output) contiguous in the accumulation type: returns the gradient of x, the
 // residual included, and adds the weight gradients into `dp` (shapes and dtype of `p`). The
 // weight gradients are summed in an order fixed by the shapes, not by the number of threads.
 at::Tensor cell_backward(const at::Tensor& grad, const at::Tensor& x, const CellParams& p,
-                         const CellConfig& cfg, int64_t step, CellParams& dp,
-                         LivePlanes live = nullptr);
+                         const CellWeights& w, const CellConfig& cfg, int64_t step,
+                         CellParams& dp, LivePlanes live = nullptr);
 
 }  // namespace cube

@@ -325,6 +325,7 @@ std::tuple<at::Tensor, at::Tensor> rollout_cpu(
     for (at::Tensor& s : between) s = at::empty(x_in.sizes(), x_in.options());
   at::Tensor x = x_in.contiguous();
   const bool skipping = alive && !inject.defined() && all_finite(p);
+  const CellWeights w = cell_weights(p, cfg);
   for (int64_t t = 0; t < steps; ++t) {
     const at::Tensor x_new =
         all_states ? outs.select(0, t) : (t == steps - 1 ? outs.select(0, 0) : between[t % 2]);
@@ -340,7 +341,7 @@ std::tuple<at::Tensor, at::Tensor> rollout_cpu(
       });
       mark_live(alive->dead_planes(), x.size(1), cfg.boundary, 2, live);
     }
-    cell_forward(x, inject, p, cfg, t, x_new, skipping ? live.data() : nullptr);
+    cell_forward(x, inject, p, w, cfg, t, x_new, skipping ? live.data() : nullptr);
     if (alive)
       alive->apply(x_new, all_states || t == steps - 1 ? keeps.select(0, all_states ? t : 0) : scratch_keep);
     x = x_new;
@@ -391,6 +392,7 @@ std::vector<at::Tensor> rollout_backward_cpu(
   for (const at::Tensor& t : p) dp.push_back(at::zeros_like(t));
   at::Tensor dinject = inject ? at::zeros_like(*inject) : at::empty({0}, x_in.options());
   const bool skipping = all_finite(p);
+  const CellWeights w = cell_weights(p, cfg);
   at::Tensor g = grad_in.select(0, steps - 1).to(acc).contiguous();
   for (int64_t t = steps - 1; t >= 0; --t) {
     const at::Tensor prev = t == 0 ? x_in : outs.select(0, t - 1);
@@ -406,7 +408,7 @@ std::vector<at::Tensor> rollout_backward_cpu(
         };
         mark_live(quiet_planes(x, quiet), x.size(1), cfg.boundary, 1, live);
       });
-    g = cell_backward(g, x, p, cfg, t, dp, skipping ? live.data() : nullptr);
+    g = cell_backward(g, x, p, w, cfg, t, dp, skipping ? live.data() : nullptr);
     if (inject) {  // the injected channels came from `inject`, not from the previous state
       at::Tensor g_front = g.select(1, 0).narrow(-1, 0, E);
       dinject.add_(g_front);
