@@ -10,7 +10,7 @@ from torch.utils.checkpoint import checkpoint as torch_checkpoint
 from . import backends, reference
 from .neighbourhood import check_boundary, num_tokens
 from .ops.checks import check_fire_rate, check_seed, check_tensor
-from .ops.rollout import rollout as rollout_op
+from .ops.rollout import rollout as rollout_op, rollout_states
 from .spec import ALIVE_THRESHOLD, PARAM_NAMES, param_shapes
 from .step import check_step, fused_step
 
@@ -167,9 +167,11 @@ class CubeLattice(nn.Module):
         device_type = x.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
         with torch.autocast(device_type, enabled=False):
-            outs = rollout_op(x.to(dtype), inject, params, steps, seed=seed,
-                              all_states=return_states, **kw).to(x.dtype)
-        return list(outs.unbind(0)) if return_states else outs[-1]
+            if return_states:
+                states = rollout_states(x.to(dtype), inject, params, steps, seed=seed, **kw)
+                return [s.to(x.dtype) for s in states]
+            outs = rollout_op(x.to(dtype), inject, params, steps, seed=seed, all_states=False, **kw)
+        return outs[0].to(x.dtype)
 
     @staticmethod
     def inject(x: torch.Tensor, surface: torch.Tensor) -> torch.Tensor:

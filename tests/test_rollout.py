@@ -4,10 +4,11 @@ neighbourhoods and boundaries, fp32 and bf16 (bf16 parameters and autocast), ali
 it keeps for backward, and its input errors."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import harness
 from cube_kernels import CubeLattice, reference
-from cube_kernels.ops.rollout import rollout
+from cube_kernels.ops.rollout import rollout, rollout_states
 from cube_kernels.spec import PARAM_NAMES
 
 pytestmark = pytest.mark.skipif(harness.unavailable("cpu") is not None,
@@ -209,6 +210,63 @@ def test_a_back_face_readout_matches_reference(neighbourhood, boundary, poisoned
     assert grads[0][PARAM_NAMES.index("w_out") + 2].isnan().any() == poisoned
 
 
+class BackwardGrads(TorchDispatchMode):
+    """Records the shape of the gradient each cube::rollout_backward call gets."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.cube.rollout_backward.default:
+            self.shapes.append(tuple(args[0].shape))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("alive_channel", [None, 1])
+@pytest.mark.parametrize("read", [[1, 3], [0, 2], [3]], ids=str)
+def test_the_states_read_alone_reach_the_backward_op(read, alive_channel):
+    """rollout_states (and rollout without all_states, which returns the last state): autograd
+    gives the states nothing read no gradient, and the backward op gets the gradients from the
+    first state read on, [T', ...], instead of T stacked. The gradients are those of the stacked
+    states' backward with zeros for the others, bit for bit."""
+    T = 4
+    x, inject, params = inputs(harness.Lattice(2, 5, 3, 4), C, F, "moore", 2, alive_channel)
+    kw = dict(seed=7, neighbourhood="moore", boundary="zero", fire_rate=0.5, alive_channel=alive_channel)
+    weights = [harness.randn(*x.shape, seed=10 + t) for t in range(T)]
+
+    def grads(states_of):
+        leaves = [t.clone().requires_grad_() for t in (x, inject, *params.values())]
+        states = states_of(leaves[0], leaves[1], dict(zip(params, leaves[2:])))
+        with BackwardGrads() as calls:
+            g = torch.autograd.grad(sum((states[t] * weights[t]).sum() for t in read), leaves)
+        return g, calls.shapes
+
+    expected, shapes = grads(lambda *a: rollout(*a, T, all_states=True, **kw))
+    assert shapes == [(T, *x.shape)]
+    ways = [lambda *a: rollout_states(*a, T, **kw)]
+    if read == [T - 1]:
+        ways.append(lambda *a: {T - 1: rollout(*a, T, all_states=False, **kw)[0]})
+    for states_of in ways:
+        got, shapes = grads(states_of)
+        assert shapes == [(T - read[0], *x.shape)]
+        for name, g, g_ref in zip(["x", "inject", *PARAM_NAMES], got, expected):
+            torch.testing.assert_close(g, g_ref, rtol=0, atol=0, msg=f"d{name}")
+
+
+def test_the_backward_leaves_the_incoming_gradient_as_it_was():
+    """With alive masking the backward scales the last step's gradient by its mask: on a copy of
+    its own, not in the caller's tensor."""
+    x, inject, params = inputs(harness.Lattice(1, 5, 3, 4), C, F, "moore", 2, alive_channel=1)
+    ps, cfg = list(params.values()), (7, "moore", "zero", 0.5, 1, 0.1)
+    outs, keep = torch.ops.cube.rollout(x, inject, *ps, 3, *cfg, True)
+    assert not keep[-1].all()  # some cells of the last step are masked
+    grad = harness.randn(*outs.shape, seed=3)
+    before = grad.clone()
+    torch.ops.cube.rollout_backward(grad, x, outs, keep, inject, *ps, *cfg)
+    torch.testing.assert_close(grad, before, rtol=0, atol=0)
+
+
 def test_non_finite_weights_leave_no_plane_skipped():
     """A quiet plane's output is 0 only for finite weights: with a NaN bias every firing cell's
     update is NaN, and the empty planes turn NaN (NaN * 0) as in the reference."""
@@ -406,6 +464,9 @@ def test_bad_alive_channel_is_named():
         torch.ops.cube.rollout_backward(outs, x, outs, None, inject, *ps, *cfg, 1, 0.1)
     with pytest.raises(ValueError, match=r"keep must be \[T, B, D, H, W\]"):
         torch.ops.cube.rollout_backward(outs, x, outs, keep[:1], inject, *ps, *cfg, 1, 0.1)
+    for grad in (outs[:0], torch.cat([outs, outs[:1]]), outs[:, :, :1]):
+        with pytest.raises(ValueError, match=r"grad must be \[T', \*x.shape\] with 1 <= T' <= T = 2"):
+            torch.ops.cube.rollout_backward(grad, x, outs, keep, inject, *ps, *cfg, 1, 0.1)
 
 
 def test_saves_one_mask_per_cell_and_step_with_alive_masking():

@@ -1,9 +1,12 @@
 """The trainer's parts on their own: config validation, data loading and splitting, the loss
-terms and the evaluation metrics."""
+terms, the evaluation metrics and the process set-up."""
 from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -411,3 +414,22 @@ def test_the_search_table_lists_each_trial_against_the_base_config(tmp_path, cap
         ["| lattice", "(base)", "0.4300"], ["| lattice", "train.lr=0.05", "0.4100"],
         ["| mlp", "model.residual=false, train.lr=0.05", "0.2000"]]
     assert rows[1].endswith(f"`python -m cube_trainer.search --config {base} --method lattice --set train.lr=0.05` |")
+
+
+# ------------------------------------------------------------------ process set-up
+
+@pytest.mark.parametrize("setting, expected", [(None, "1"), ("0", "0")])
+def test_the_trainer_turns_on_torch_huge_page_allocations_unless_told_not_to(setting, expected):
+    """Importing cube_trainer (as cube-train does, before torch allocates) sets PyTorch's
+    THP_MEM_ALLOC_ENABLE; a value in the environment is kept. PyTorch's allocator shows that it
+    took the setting by aligning a 4 MB tensor to a page (64 bytes without it)."""
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if setting is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = setting
+    code = ("import os, cube_trainer, torch; t = torch.empty(2 ** 20); "
+            "print(os.environ['THP_MEM_ALLOC_ENABLE'], t.data_ptr() % 4096 == 0)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    value, page_aligned = out.stdout.split()
+    assert value == expected
+    if expected == "1":
+        assert page_aligned == "True"

@@ -5,7 +5,9 @@
 //   backward  from the step outputs (the states autograd keeps: one state of C values per cell
 //             and step, SPEC's memory rule), step by step in reverse: re-inject, then the fused
 //             cell's backward (it recomputes u, vn, h plane by plane), accumulating the weight
-//             gradients
+//             gradients; its `grad` may hold the last T' <= T steps' output gradients only (the
+//             earlier ones zero), so that a caller that reads a few late states need not stack
+//             T gradients that are mostly zeros
 // inject(s) overwrites the first E channels of the front face (d = 0) with `inject` ([B, H, W, E]);
 // the forward reads them from `inject` instead of copying the state.
 // Alive masking (SPEC.md, with alive_channel): each step output is multiplied by
@@ -367,8 +369,10 @@ std::vector<at::Tensor> rollout_backward_cpu(
                     alive_channel);
   TORCH_CHECK_VALUE(outs.dim() == 6 && outs.size(0) >= 1 && outs.sizes().slice(1) == x_in.sizes(),
                     op, ": outs must be [T, *x.shape], got ", outs.sizes());
-  TORCH_CHECK_VALUE(grad_in.sizes() == outs.sizes(), op, ": grad must have the shape of outs ",
-                    outs.sizes(), ", got ", grad_in.sizes());
+  TORCH_CHECK_VALUE(grad_in.dim() == 6 && grad_in.size(0) >= 1 && grad_in.size(0) <= outs.size(0) &&
+                        grad_in.sizes().slice(1) == x_in.sizes(),
+                    op, ": grad must be [T', *x.shape] with 1 <= T' <= T = ", outs.size(0),
+                    " (the gradients of the last T' step outputs), got ", grad_in.sizes());
   const bool masking = alive_channel.has_value();
   if (masking) {
     TORCH_CHECK_VALUE(keeps.has_value() && keeps->defined(), op,
@@ -393,7 +397,10 @@ std::vector<at::Tensor> rollout_backward_cpu(
   at::Tensor dinject = inject ? at::zeros_like(*inject) : at::empty({0}, x_in.options());
   const bool skipping = all_finite(p);
   const CellWeights w = cell_weights(p, cfg);
-  at::Tensor g = grad_in.select(0, steps - 1).to(acc).contiguous();
+  // grad_in holds the gradients of steps first .. steps - 1; the earlier ones are zero. g is the
+  // op's own (the masking below scales it in place), never a view of grad_in.
+  const int64_t first = steps - grad_in.size(0);
+  at::Tensor g = grad_in.select(0, grad_in.size(0) - 1).to(acc, false, /*copy=*/true).contiguous();
   for (int64_t t = steps - 1; t >= 0; --t) {
     const at::Tensor prev = t == 0 ? x_in : outs.select(0, t - 1);
     const at::Tensor x = injected(prev.to(acc).contiguous(), inject);
@@ -414,7 +421,7 @@ std::vector<at::Tensor> rollout_backward_cpu(
       dinject.add_(g_front);
       g_front.zero_();
     }
-    if (t > 0) g.add_(grad_in.select(0, t - 1));
+    if (t > first) g.add_(grad_in.select(0, t - 1 - first));
   }
   std::vector<at::Tensor> out = {g.to(x_in.scalar_type()),
                                  inject ? dinject.to(inject_in->scalar_type()) : dinject};

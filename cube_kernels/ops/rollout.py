@@ -10,7 +10,10 @@ the last, ``[1, ...]``, without ``all_states``), ``keep`` their alive masks ``[T
 step outputs (one state of C values per cell and step, SPEC's memory rule) and, with alive
 masking, the masks (one bool per cell and step: the backward cannot recompute them, as
 ``alive(x_new)`` reads the unmasked step output), and nothing under ``torch.no_grad()``; the
-backward op recomputes each step from them.
+backward op recomputes each step from them. Its ``grad`` is ``[T', B, D, H, W, C]``, the
+gradients of the last T' <= T step outputs (the earlier ones zero): ``rollout_states`` (T
+tensors) and ``rollout`` without ``all_states`` (the last state) pass it only those from the
+first state read on, not T stacked, most of them zeros.
 
 The parameters (SPEC order, one dtype) may differ from ``x``'s dtype: under autocast ``x`` is in
 the low precision and the parameters are the fp32 masters, cast inside the op; the backward
@@ -61,9 +64,10 @@ def check(x, inject, *args) -> None:
 
 def _check_backward(grad, x, outs, keep, inject, *args) -> None:
     check(x, inject, *args[:-6], outs.shape[0], *args[-6:], True)
-    if tuple(outs.shape) != (outs.shape[0], *x.shape) or tuple(grad.shape) != tuple(outs.shape):
-        raise ValueError(f"outs and grad must be [T, *x.shape], got {tuple(outs.shape)} and "
-                         f"{tuple(grad.shape)} for x {tuple(x.shape)}")
+    if tuple(outs.shape) != (outs.shape[0], *x.shape) or grad.dim() != outs.dim() \
+            or not 1 <= grad.shape[0] <= outs.shape[0] or tuple(grad.shape[1:]) != tuple(x.shape):
+        raise ValueError(f"outs must be [T, *x.shape] and grad [T', *x.shape] with 1 <= T' <= T, got "
+                         f"{tuple(outs.shape)} and {tuple(grad.shape)} for x {tuple(x.shape)}")
     if args[-2] is not None and (keep is None or keep.dtype != torch.bool
                                  or tuple(keep.shape) != tuple(outs.shape[:-1])):
         raise ValueError(f"keep (the forward's alive masks) must be a bool [T, B, D, H, W] = "
@@ -108,12 +112,35 @@ if _extension.load():
     ROLLOUT.register("cube")
 
 
-def rollout(x: torch.Tensor, inject: torch.Tensor | None, params: dict[str, torch.Tensor],
-            steps: int, *, seed: int, neighbourhood: str, boundary: str, fire_rate: float,
-            all_states: bool, alive_channel: int | None = None,
-            alive_threshold: float = ALIVE_THRESHOLD) -> torch.Tensor:
-    """The step outputs ``[T, B, D, H, W, C]`` (``[1, ...]``: the last only, without
-    ``all_states``; a rollout that needs gradients keeps them all either way, for backward)."""
+class _States(torch.autograd.Function):
+    """The rollout as T step outputs of their own, for callers that read a few of them (the
+    trainer reads the last two of twelve): autograd hands the backward None for the others, and
+    the backward op gets the gradients from the first step that has one on (its ``grad``
+    ``[T', ...]``), instead of autograd's stack of all T, the unread ones zero-filled (a fresh
+    63 MB per training step at the trainer's default config). It saves what the op's own
+    autograd saves and runs the same backward."""
+
+    @staticmethod
+    def forward(ctx, x, inject, *args):
+        outs, keep = torch.ops.cube.rollout(x, inject, *args)
+        ctx.set_materialize_grads(False)
+        _setup_context(ctx, (x, inject, *args), (outs, keep))
+        return outs.unbind(0)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        read = [t for t, g in enumerate(grads) if g is not None]
+        if not read:
+            return (None,) * len(ctx.needs_input_grad)
+        like = grads[read[0]]
+        grad = torch.stack([like.new_zeros(()).expand_as(like) if g is None else g for g in grads[read[0]:]])
+        return _backward(ctx, torch.ops.cube.rollout_backward.default, grad, None)
+
+
+def _op_args(x, inject, params, steps, seed, neighbourhood, boundary, fire_rate, alive_channel,
+             alive_threshold, all_states):
+    """The op's arguments after ``x`` and ``inject``, checked, and whether autograd records it
+    (then all_states: its backward starts from every step's state)."""
     _extension.require("rollout")
     tensors = [params[n] for n in PARAM_NAMES]
     needs_grad = torch.is_grad_enabled() and any(
@@ -121,5 +148,31 @@ def rollout(x: torch.Tensor, inject: torch.Tensor | None, params: dict[str, torc
     args = (*tensors, steps, seed, neighbourhood, boundary, fire_rate, alive_channel,
             alive_threshold, all_states or needs_grad)
     check(x, inject, *args)
-    outs, _ = torch.ops.cube.rollout(x.contiguous(), inject, *args)
-    return outs if all_states or outs.shape[0] == 1 else outs[-1:]
+    return args, needs_grad
+
+
+def rollout(x: torch.Tensor, inject: torch.Tensor | None, params: dict[str, torch.Tensor],
+            steps: int, *, seed: int, neighbourhood: str, boundary: str, fire_rate: float,
+            all_states: bool, alive_channel: int | None = None,
+            alive_threshold: float = ALIVE_THRESHOLD) -> torch.Tensor:
+    """The step outputs ``[T, B, D, H, W, C]`` (``[1, ...]``: the last only, without
+    ``all_states``; a rollout that needs gradients keeps them all either way, for backward, and
+    then only the last one's gradient reaches its backward op)."""
+    args, needs_grad = _op_args(x, inject, params, steps, seed, neighbourhood, boundary, fire_rate,
+                                alive_channel, alive_threshold, all_states)
+    if needs_grad and not all_states:
+        return _States.apply(x.contiguous(), inject, *args)[-1].unsqueeze(0)
+    return torch.ops.cube.rollout(x.contiguous(), inject, *args)[0]
+
+
+def rollout_states(x: torch.Tensor, inject: torch.Tensor | None, params: dict[str, torch.Tensor],
+                   steps: int, *, seed: int, neighbourhood: str, boundary: str, fire_rate: float,
+                   alive_channel: int | None = None,
+                   alive_threshold: float = ALIVE_THRESHOLD) -> list[torch.Tensor]:
+    """The T step outputs as T tensors ``[B, D, H, W, C]``. Under autograd the backward op gets
+    the gradients of the states read and of the later ones only, not T stacked (``_States``)."""
+    args, needs_grad = _op_args(x, inject, params, steps, seed, neighbourhood, boundary, fire_rate,
+                                alive_channel, alive_threshold, True)
+    if needs_grad:
+        return list(_States.apply(x.contiguous(), inject, *args))
+    return list(torch.ops.cube.rollout(x.contiguous(), inject, *args)[0].unbind(0))

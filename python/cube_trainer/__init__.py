@@ -7,6 +7,14 @@
 The earlier trainer's names (``EmergentCubeTrainer``, ``EmergentTrainingConfig``,
 ``create_emergent_trainer``) are here too; see docs/trainer.md.
 """
+import os
+
+# 2 MB pages for CPU tensors of 2 MB and more: PyTorch reads THP_MEM_ALLOC_ENABLE at its first CPU
+# allocation of that size, which under cube-train comes later than this. A training step
+# allocates tens of MB afresh, and with 4 KB pages the default config's step took about 3%
+# longer (docs/performance.md). THP_MEM_ALLOC_ENABLE=0 in the environment opts out.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 from .bank import AnswerBank
 from .checkpoint import CheckpointError
 from .compat import EmergentCubeTrainer, EmergentTrainingConfig, create_emergent_trainer
