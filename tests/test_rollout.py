@@ -385,6 +385,21 @@ def test_bf16_autocast_lattice_keeps_fp32_gradients_close(channels):
         harness.assert_close(p.grad, q.grad, torch.float32, f"d{name}", rel=tol)
 
 
+def test_a_non_finite_injection_leaves_the_front_face_computed():
+    """The backward reads the front face's injected channels from `inject`, not from the state:
+    with an Inf there and the gradient 0 on the front face (one step, a back-face loss), the
+    reference's dw_out is NaN (h^T d_delta: NaN * 0), so the op must not skip that face."""
+    x, inject, params = inputs(QUIET, C, F, "von_neumann", 2)
+    inject[1, 1, 1, 0] = float("inf")
+    kw = dict(neighbourhood="von_neumann", boundary="zero", fire_rate=1.0, seed=7)
+    weight = harness.randn(QUIET.B, QUIET.H, QUIET.W, C, seed=3)
+    for fn in (lambda *a: rollout(*a, all_states=True, **kw), lambda *a: reference_rollout(*a, **kw)):
+        w_out = params["w_out"].clone().requires_grad_()
+        outs = fn(x, inject, dict(params, w_out=w_out), 1)
+        (dw_out,) = torch.autograd.grad((outs[-1, :, -1] * weight).sum(), [w_out])
+        assert dw_out.isnan().any()
+
+
 def test_saves_the_states_only_and_nothing_without_grad_or_in_inference_mode():
     x, inject, params = inputs(harness.Lattice(2, 2, 3, 4), 5, 6, "von_neumann", 1)
     params = {n: p.float().requires_grad_() for n, p in params.items()}

@@ -814,13 +814,14 @@ void cell_forward(const at::Tensor& x, const at::Tensor& inject, const CellParam
   });
 }
 
-at::Tensor cell_backward(const at::Tensor& grad, const at::Tensor& x, const CellParams& p,
-                         const CellWeights& w, const CellConfig& cfg, int64_t step,
-                         CellParams& dp, LivePlanes live) {
+at::Tensor cell_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& inject,
+                         const CellParams& p, const CellWeights& w, const CellConfig& cfg,
+                         int64_t step, CellParams& dp, LivePlanes live) {
   at::Tensor dx = at::empty(x.sizes(), x.options());
   if (x.numel() == 0) return dx;  // no cells: no gradient to add
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cube::cell_backward", [&] {
     Step<scalar_t> s = make_step<scalar_t>(x, p, w, cfg, step, live);
+    if (inject.defined()) s.inject = inject.const_data_ptr<scalar_t>(), s.E = inject.size(-1);
     const GradLayout layout(p);
     const int64_t tasks = s.tasks();
     std::vector<scalar_t> partials(static_cast<size_t>(tasks * layout.size()), scalar_t(0));

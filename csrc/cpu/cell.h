@@ -67,12 +67,13 @@ void cell_forward(const at::Tensor& x, const at::Tensor& inject, const CellParam
                   const CellWeights& w, const CellConfig& cfg, int64_t step,
                   const at::Tensor& out, LivePlanes live = nullptr);
 
-// The backward of one step at the (already injected) state x, both x and `grad` (the gradient
-// of the step's output) contiguous in the accumulation type: returns the gradient of x, the
-// residual included, and adds the weight gradients into `dp` (shapes and dtype of `p`). The
-// weight gradients are summed in an order fixed by the shapes, not by the number of threads.
-at::Tensor cell_backward(const at::Tensor& grad, const at::Tensor& x, const CellParams& p,
-                         const CellWeights& w, const CellConfig& cfg, int64_t step,
-                         CellParams& dp, LivePlanes live = nullptr);
+// The backward of one step at the state inject(x), x, `inject` (as cell_forward's) and `grad`
+// (the gradient of the step's output) contiguous in the accumulation type: returns the
+// gradient of inject(x), the residual included, and adds the weight gradients into `dp` (shapes
+// and dtype of `p`). The weight gradients are summed in an order fixed by the shapes, not by
+// the number of threads.
+at::Tensor cell_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& inject,
+                         const CellParams& p, const CellWeights& w, const CellConfig& cfg,
+                         int64_t step, CellParams& dp, LivePlanes live = nullptr);
 
 }  // namespace cube

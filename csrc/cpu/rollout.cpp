@@ -3,13 +3,13 @@
 //   forward   x_0 = inject(x), x_{t+1} = inject(step(x_t, t)); returns the T step outputs
 //             (or only the last one) stacked as [T, B, D, H, W, C]
 //   backward  from the step outputs (the states autograd keeps: one state of C values per cell
-//             and step, SPEC's memory rule), step by step in reverse: re-inject, then the fused
-//             cell's backward (it recomputes u, vn, h plane by plane), accumulating the weight
-//             gradients; its `grad` may hold the last T' <= T steps' output gradients only (the
-//             earlier ones zero), so that a caller that reads a few late states need not stack
-//             T gradients that are mostly zeros
+//             and step, SPEC's memory rule), step by step in reverse: the fused cell's backward
+//             at the injected state (it recomputes u, vn, h plane by plane), accumulating the
+//             weight gradients; its `grad` may hold the last T' <= T steps' output gradients only
+//             (the earlier ones zero), so that a caller that reads a few late states need not
+//             stack T gradients that are mostly zeros
 // inject(s) overwrites the first E channels of the front face (d = 0) with `inject` ([B, H, W, E]);
-// the forward reads them from `inject` instead of copying the state.
+// both directions read them from `inject` instead of copying the state.
 // Alive masking (SPEC.md, with alive_channel): each step output is multiplied by
 // keep_t = alive(x_t) & alive(x_new), x_t the injected input. The forward returns the masks
 // (bool [T, B, D, H, W], an empty tensor without masking) and the backward multiplies the step's
@@ -111,14 +111,6 @@ CellConfig check_rollout(const char* op, const at::Tensor& x,
   }
   cfg.bf16_gemm = bf16_gemm_for(x.scalar_type(), C, F);
   return cfg;
-}
-
-// x with `inject` as the first E channels of its front face (a new tensor; x is not changed).
-at::Tensor injected(const at::Tensor& x, const c10::optional<at::Tensor>& inject) {
-  if (!inject.has_value() || !inject->defined()) return x;
-  at::Tensor out = x.clone(at::MemoryFormat::Contiguous);
-  out.select(1, 0).narrow(-1, 0, inject->size(-1)).copy_(*inject);
-  return out;
 }
 
 // Alive masking in place of SPEC's max_pool3d formula (two ATen pooling calls, a strided copy and
@@ -389,13 +381,15 @@ std::vector<at::Tensor> rollout_backward_cpu(
   const at::ScalarType acc = at::toOpMathType(x_in.scalar_type());
   const Params p = cast(p_in, acc);
   c10::optional<at::Tensor> inject;
-  if (inject_in.has_value() && inject_in->defined()) inject = inject_in->to(acc);
+  if (inject_in.has_value() && inject_in->defined()) inject = inject_in->to(acc).contiguous();
   const int64_t steps = outs.size(0), E = inject ? inject->size(-1) : 0;
 
   Params dp;
   for (const at::Tensor& t : p) dp.push_back(at::zeros_like(t));
   at::Tensor dinject = inject ? at::zeros_like(*inject) : at::empty({0}, x_in.options());
-  const bool skipping = all_finite(p);
+  // A quiet plane needs finite states around it; the front face's injected channels are read
+  // from `inject` (x's own channels there are only checked, which can only compute more).
+  const bool skipping = all_finite(p) && (!inject || all_finite({*inject}));
   const CellWeights w = cell_weights(p, cfg);
   // grad_in holds the gradients of steps first .. steps - 1; the earlier ones are zero. g is the
   // op's own (the masking below scales it in place), never a view of grad_in.
@@ -403,7 +397,7 @@ std::vector<at::Tensor> rollout_backward_cpu(
   at::Tensor g = grad_in.select(0, grad_in.size(0) - 1).to(acc, false, /*copy=*/true).contiguous();
   for (int64_t t = steps - 1; t >= 0; --t) {
     const at::Tensor prev = t == 0 ? x_in : outs.select(0, t - 1);
-    const at::Tensor x = injected(prev.to(acc).contiguous(), inject);
+    const at::Tensor x = prev.to(acc).contiguous();
     if (masking) g.mul_(keeps->select(0, t).unsqueeze(-1));
     std::vector<uint8_t> live;
     if (skipping)
@@ -415,7 +409,8 @@ std::vector<at::Tensor> rollout_backward_cpu(
         };
         mark_live(quiet_planes(x, quiet), x.size(1), cfg.boundary, 1, live);
       });
-    g = cell_backward(g, x, p, w, cfg, t, dp, skipping ? live.data() : nullptr);
+    g = cell_backward(g, x, inject ? *inject : at::Tensor(), p, w, cfg, t, dp,
+                      skipping ? live.data() : nullptr);
     if (inject) {  // the injected channels came from `inject`, not from the previous state
       at::Tensor g_front = g.select(1, 0).narrow(-1, 0, E);
       dinject.add_(g_front);
