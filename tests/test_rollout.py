@@ -254,6 +254,27 @@ def test_the_states_read_alone_reach_the_backward_op(read, alive_channel):
             torch.testing.assert_close(g, g_ref, rtol=0, atol=0, msg=f"d{name}")
 
 
+def test_states_that_pass_on_no_gradient_run_no_backward():
+    """A state read through an op whose gradient is None: the rollout's parameters get none,
+    and the backward op is not called."""
+    class Cut(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a):
+            return a.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return None
+
+    x, inject, params = inputs(harness.Lattice(1, 3, 3, 4), C, F, "moore", 2)
+    params = {n: p.clone().requires_grad_() for n, p in params.items()}
+    states = rollout_states(x, inject, params, 3, seed=1, neighbourhood="moore", boundary="zero",
+                            fire_rate=1.0)
+    with BackwardGrads() as calls:
+        (dw_in,) = torch.autograd.grad(Cut.apply(states[-1]).sum(), [params["w_in"]], allow_unused=True)
+    assert dw_in is None and not calls.shapes
+
+
 def test_the_backward_leaves_the_incoming_gradient_as_it_was():
     """With alive masking the backward scales the last step's gradient by its mask: on a copy of
     its own, not in the caller's tensor."""

@@ -129,11 +129,11 @@ class _States(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        read = [t for t, g in enumerate(grads) if g is not None]
-        if not read:
+        first = next((t for t, g in enumerate(grads) if g is not None), None)
+        if first is None:
             return (None,) * len(ctx.needs_input_grad)
-        like = grads[read[0]]
-        grad = torch.stack([like.new_zeros(()).expand_as(like) if g is None else g for g in grads[read[0]:]])
+        zero = grads[first].new_zeros(()).expand_as(grads[first])
+        grad = torch.stack([zero if g is None else g for g in grads[first:]])
         return _backward(ctx, torch.ops.cube.rollout_backward.default, grad, None)
 
 
