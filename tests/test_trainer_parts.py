@@ -2,9 +2,11 @@
 terms, the evaluation metrics and the process set-up."""
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -433,3 +435,44 @@ def test_the_trainer_turns_on_torch_huge_page_allocations_unless_told_not_to(set
     assert value == expected
     if expected == "1":
         assert page_aligned == "True"
+
+
+GLIBC = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's malloc only")
+@pytest.mark.parametrize("setting, kept", [
+    ({}, True), ({"CUBE_KEEP_FREED_MEMORY": "0"}, False), ({"MALLOC_TRIM_THRESHOLD_": "131072"}, False),
+    ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=131072"}, False)])
+def test_the_trainer_keeps_freed_memory_unless_told_not_to(setting, kept):
+    """keep_freed_memory (cube-train and cube-grow call it) makes glibc keep a freed 64 MB tensor
+    in the heap, where by default it is unmapped at once (blocks over 32 MB are always mapped
+    afresh); the opt-out and a user's own malloc settings leave glibc as it was."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CUBE_KEEP_FREED_MEMORY", "GLIBC_TUNABLES") and not k.startswith("MALLOC_")}
+    code = ("import os, torch; from cube_trainer.heap import keep_freed_memory; "
+            "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE'); "
+            "on = keep_freed_memory(); t = torch.ones(2 ** 24); before = rss(); del t; "
+            "print(on, (before - rss()) >> 20)")
+    out = subprocess.run([sys.executable, "-c", code], env={**env, **setting}, capture_output=True, text=True,
+                         check=True)
+    on, freed_mib = out.stdout.split()
+    assert on == str(kept)
+    assert (int(freed_mib) < 8) if kept else (int(freed_mib) >= 60)
+
+
+@pytest.mark.parametrize("command, argv", [("cube_trainer.cli", ["train", "--config", "configs/tiny.yaml"]),
+                                           ("cube_trainer.growth.cli", ["--config", "configs/grow.yaml"])])
+def test_training_commands_keep_freed_memory_before_they_train(monkeypatch, tmp_path, command, argv):
+    """cube-train and cube-grow set glibc up (keep_freed_memory) once their config has loaded."""
+    module = importlib.import_module(command)
+
+    class Called(Exception):
+        pass
+
+    def called():
+        raise Called
+    monkeypatch.setattr(module, "keep_freed_memory", called)
+    with pytest.raises(Called):
+        module.main(argv + ["--out-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()

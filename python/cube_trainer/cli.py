@@ -18,6 +18,7 @@ from .bank import BANK_FILE, AnswerBank
 from .checkpoint import CheckpointError, read_checkpoint, resolve_checkpoint
 from .config import ConfigError, load_config, packaged_configs
 from .data import DataError, build_splits, split_summary
+from .heap import keep_freed_memory
 from .report import ReportError, format_report, load_results
 from .runs import evaluate_run, train_ablations
 from .teacher import Teacher, TeacherError
@@ -166,6 +167,7 @@ def _train(args) -> int:
         raise ConfigError("give --config FILE (or --resume RUN_DIR to continue a run)")
     else:
         load_config(args.config, overrides)  # a bad config fails before anything starts
+    keep_freed_memory()
     distributed = _init_distributed(lambda: _configured_device(args, overrides))
     trainer = None
     try:

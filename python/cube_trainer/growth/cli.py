@@ -14,6 +14,7 @@ from .. import checkpoint as ckpt
 from ..atomic import write_text_atomic
 from ..cli import _Parser, _positive_int, _run
 from ..config import ConfigError
+from ..heap import keep_freed_memory
 from ..metrics import read_metrics
 from . import render
 from ..rundir import RunDirectoryError
@@ -86,6 +87,7 @@ def _grow(args) -> int:
             raise ConfigError(f"--target {unknown[0]!r} is not a target of the config ({', '.join(known)})")
         cfg.targets = [known[t] for t in args.target]
         cfg.per_target = {t: s for t, s in cfg.per_target.items() if t in args.target}
+    keep_freed_memory()
     out = Path(cfg.out_dir)
     trainers = []
     for target in cfg.targets:  # every run directory is checked before anything is trained or replaced
