@@ -814,11 +814,10 @@ void cell_forward(const at::Tensor& x, const at::Tensor& inject, const CellParam
   });
 }
 
-at::Tensor cell_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& inject,
-                         const CellParams& p, const CellWeights& w, const CellConfig& cfg,
-                         int64_t step, CellParams& dp, LivePlanes live) {
-  at::Tensor dx = at::empty(x.sizes(), x.options());
-  if (x.numel() == 0) return dx;  // no cells: no gradient to add
+void cell_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& inject,
+                   const CellParams& p, const CellWeights& w, const CellConfig& cfg, int64_t step,
+                   CellParams& dp, const at::Tensor& dx, LivePlanes live) {
+  if (x.numel() == 0) return;  // no cells: no gradient to add
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cube::cell_backward", [&] {
     Step<scalar_t> s = make_step<scalar_t>(x, p, w, cfg, step, live);
     if (inject.defined()) s.inject = inject.const_data_ptr<scalar_t>(), s.E = inject.size(-1);
@@ -840,7 +839,6 @@ at::Tensor cell_backward(const at::Tensor& grad, const at::Tensor& x, const at::
         dst[j] += total[layout.offset[i] + j];
     }
   });
-  return dx;
 }
 
 }  // namespace cube

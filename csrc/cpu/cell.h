@@ -68,12 +68,13 @@ void cell_forward(const at::Tensor& x, const at::Tensor& inject, const CellParam
                   const at::Tensor& out, LivePlanes live = nullptr);
 
 // The backward of one step at the state inject(x), x, `inject` (as cell_forward's) and `grad`
-// (the gradient of the step's output) contiguous in the accumulation type: returns the
-// gradient of inject(x), the residual included, and adds the weight gradients into `dp` (shapes
-// and dtype of `p`). The weight gradients are summed in an order fixed by the shapes, not by
-// the number of threads.
-at::Tensor cell_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& inject,
-                         const CellParams& p, const CellWeights& w, const CellConfig& cfg,
-                         int64_t step, CellParams& dp, LivePlanes live = nullptr);
+// (the gradient of the step's output) contiguous in the accumulation type: writes the
+// gradient of inject(x), the residual included, into `dx` (x's shape and dtype, contiguous, not
+// `grad`'s memory: other tasks may still read grad where dx is written) and adds the weight
+// gradients into `dp` (shapes and dtype of `p`). The weight gradients are summed in an order
+// fixed by the shapes, not by the number of threads.
+void cell_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& inject,
+                   const CellParams& p, const CellWeights& w, const CellConfig& cfg, int64_t step,
+                   CellParams& dp, const at::Tensor& dx, LivePlanes live = nullptr);
 
 }  // namespace cube

@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #if defined(__linux__)
@@ -37,6 +38,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
@@ -392,9 +394,12 @@ std::vector<at::Tensor> rollout_backward_cpu(
   const bool skipping = all_finite(p) && (!inject || all_finite({*inject}));
   const CellWeights w = cell_weights(p, cfg);
   // grad_in holds the gradients of steps first .. steps - 1; the earlier ones are zero. g is the
-  // op's own (the masking below scales it in place), never a view of grad_in.
+  // op's own (the masking below scales it in place), never a view of grad_in. Each step writes
+  // its gradient into dx, then the two swap: two buffers for the T steps, not T fresh ones to
+  // fault in.
   const int64_t first = steps - grad_in.size(0);
   at::Tensor g = grad_in.select(0, grad_in.size(0) - 1).to(acc, false, /*copy=*/true).contiguous();
+  at::Tensor dx = at::empty_like(g);
   for (int64_t t = steps - 1; t >= 0; --t) {
     const at::Tensor prev = t == 0 ? x_in : outs.select(0, t - 1);
     const at::Tensor x = prev.to(acc).contiguous();
@@ -409,8 +414,9 @@ std::vector<at::Tensor> rollout_backward_cpu(
         };
         mark_live(quiet_planes(x, quiet), x.size(1), cfg.boundary, 1, live);
       });
-    g = cell_backward(g, x, inject ? *inject : at::Tensor(), p, w, cfg, t, dp,
-                      skipping ? live.data() : nullptr);
+    cell_backward(g, x, inject ? *inject : at::Tensor(), p, w, cfg, t, dp, dx,
+                  skipping ? live.data() : nullptr);
+    std::swap(g, dx);
     if (inject) {  // the injected channels came from `inject`, not from the previous state
       at::Tensor g_front = g.select(1, 0).narrow(-1, 0, E);
       dinject.add_(g_front);
