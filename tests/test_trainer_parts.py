@@ -462,9 +462,11 @@ def test_the_trainer_keeps_freed_memory_unless_told_not_to(setting, kept):
 
 
 @pytest.mark.parametrize("command, argv", [("cube_trainer.cli", ["train", "--config", "configs/tiny.yaml"]),
-                                           ("cube_trainer.growth.cli", ["--config", "configs/grow.yaml"])])
+                                           ("cube_trainer.growth.cli", ["--config", "configs/grow.yaml"]),
+                                           ("cube_trainer.search", ["--config", "configs/tiny.yaml"])])
 def test_training_commands_keep_freed_memory_before_they_train(monkeypatch, tmp_path, command, argv):
-    """cube-train and cube-grow set glibc up (keep_freed_memory) once their config has loaded."""
+    """cube-train, cube-grow and a search trial set glibc up (keep_freed_memory) once their config
+    has loaded."""
     module = importlib.import_module(command)
 
     class Called(Exception):

@@ -24,6 +24,7 @@ import torch
 from .cli import _run, _splits
 from .config import METHOD_SETTINGS, apply_overrides, config_from_dict, config_to_dict, load_config
 from .evaluate import mlp_width, train_mlp, validation_set
+from .heap import keep_freed_memory
 from .trainer import CubeTrainer
 
 METHODS = ("lattice", *METHOD_SETTINGS)
@@ -37,6 +38,7 @@ def _trial(args) -> int:
         cfg = config_from_dict(apply_overrides(config_to_dict(cfg), METHOD_SETTINGS[args.method]))
     cfg.out_dir = args.out_dir or str(Path("runs/search") / args.method)
     cfg.train.progress = False
+    keep_freed_memory()
     tic = time.perf_counter()
     quiet = lambda *a, **k: None  # noqa: E731
     trainer = CubeTrainer(cfg)
