@@ -1,12 +1,12 @@
 // The fused CPU cell (SPEC.md "One step" and "Backward"; docs/performance.md "The fused cell").
 // A task is one batch item's chunk of d-planes [d0, d1) and one band of rows of those planes
 // (the whole plane up to 1,024 cells), swept plane by plane. The band of a plane is the tile:
-// its rows run through LayerNorm, the in-projection, GELU and the gate LayerNorm into a ring of
-// three band buffers (planes d-1, d, d+1: the stencil reaches one plane each way), then the
-// gather + gate of plane d, the out-projection and the stochastic residual update, so u, vn
-// and h (2F values per cell) stay in per-thread band buffers. A chunk recomputes the planes
-// just outside it, and a band the rows just outside it (their halos), instead of sharing them
-// with their neighbours.
+// its rows run through LayerNorm, the in-projection, GELU and the gate LayerNorm into rings of
+// band buffers (vn of planes d-1, d, d+1: the stencil reaches one plane each way; u of d and
+// d+1), then the gather + gate of plane d, the out-projection and the stochastic residual
+// update, so u, vn and h (2F values per cell) stay in per-thread band buffers. A chunk recomputes
+// the planes just outside it, and a band the rows just outside it (their halos), instead of
+// sharing them with their neighbours.
 //   forward   plane d+1 in, then plane d out: x_new = where(m, x + (h @ w_out + b_out), x),
 //             rounded once to the state's dtype; a non-firing cell keeps its state bit for bit
 //   backward  from the saved state x, per plane e = d+1 (stage A): u, vn recomputed (keeping
@@ -87,7 +87,7 @@ constexpr int64_t kTasks = 4;
 
 // Bands per plane: a plane of more than kBandCells cells is cut into bands of whole rows, each
 // swept as a tile of its own, so that a tile's buffers stay in the caches on wide lattices (the
-// backward's ring of three 48x48 planes is 27 MB at F = 128; of four bands of 12 rows, 8 MB).
+// backward's buffers for whole 48x48 planes take 21 MB at F = 128; for bands of 12 rows, 6 MB).
 // Their number is rounded up so that the batch's bands make a multiple of kTasks tasks: 1, 2 or
 // 4 threads then share them evenly, and no chunks are needed, whose halo planes cost more than
 // a band's halo rows (docs/performance.md "Bands").
@@ -475,10 +475,12 @@ struct Step {
   int64_t band_rows() const { return (H + bands - 1) / bands; }
 };
 
-// A task's ring of three band buffers, indexed by the unwrapped plane e >= d0 - 1.
-template <typename acc_t>
+// A task's ring of `slots` band buffers, indexed by the unwrapped plane e >= d0 - 1: three for
+// what the stencils read of planes d-1, d and d+1 (vn, dg), two for what only plane d's own sweep
+// reads (plane e = d+1 is projected before plane d is swept).
+template <int slots, typename acc_t>
 CUBE_ALWAYS_INLINE acc_t* ring_slot(acc_t* ring, int64_t slot_size, int64_t e, int64_t d0) {
-  return ring + ((e - d0 + 1) % 3) * slot_size;
+  return ring + ((e - d0 + 1) % slots) * slot_size;
 }
 
 template <typename scalar_t>
@@ -489,10 +491,11 @@ struct ForwardTasks {
     const int64_t P = s.P, C = s.C, F = s.F, W = s.W;
     const Padded pl(s.band_rows(), W, F);
     const int64_t N = pl.H * W, L = N + 2 * W;  // cells of the largest band, local cells
-    const int64_t pad = pl.size(), slot = L * 2 * F + pad;  // per ring slot: u (in z), vn
-    std::vector<acc_t> mem(static_cast<size_t>(3 * slot + pad + L * C + N * C + N * F + C));
-    acc_t* ring = mem.data();
-    acc_t* zeros = ring + 3 * slot;   // a padded band of zeros: a d-plane the boundary leaves out
+    const int64_t pad = pl.size(), zs = L * 2 * F;  // per plane: vn (padded), z (u in it)
+    std::vector<acc_t> mem(static_cast<size_t>(4 * pad + 2 * zs + L * C + N * C + N * F + C));
+    acc_t* vn_ring = mem.data();       // three slots
+    acc_t* z_ring = vn_ring + 3 * pad;  // two slots
+    acc_t* zeros = z_ring + 2 * zs;    // a padded band of zeros: a d-plane the boundary leaves out
     acc_t* y = zeros + pad;           // [L, C]
     acc_t* delta = y + L * C;         // [N, C]
     acc_t* h = delta + N * C;         // [N, F]
@@ -507,8 +510,8 @@ struct ForwardTasks {
       for (int64_t e = d0 - 1; e <= d1; ++e) {
         const int64_t pe = s.plane(e);
         if (pe >= 0 && s.feeds(b, e, d0, d1)) {
-          acc_t* z = ring_slot(ring, slot, e, d0);
-          acc_t* vn = z + L * 2 * F;
+          acc_t* z = ring_slot<2>(z_ring, zs, e, d0);
+          acc_t* vn = ring_slot<3>(vn_ring, pad, e, d0);
           s.project(b, pe, band, y, z, buf, a16.data());
           const int64_t l0 = band.first * W, l1 = band.last * W;
           for (int64_t l = l0; l < l1; l += kLanes)
@@ -527,11 +530,10 @@ struct ForwardTasks {
         }
         acc_t* planes[3];
         for (int i = 0; i < 3; ++i)
-          planes[i] = s.plane(d - 1 + i) < 0 ? nullptr
-                                             : ring_slot(ring, slot, d - 1 + i, d0) + L * 2 * F;
+          planes[i] = s.plane(d - 1 + i) < 0 ? nullptr : ring_slot<3>(vn_ring, pad, d - 1 + i, d0);
         const acc_t* src[kMaxTokens];
         s.token_planes(planes, zeros, 1, src);
-        const acc_t* u = ring_slot(ring, slot, d, d0) + W * 2 * F;  // local row 1 on
+        const acc_t* u = ring_slot<2>(z_ring, zs, d, d0) + W * 2 * F;  // local row 1 on
         stencil(src, s.off, s.p[kWSp], s.p[kBSp], s.K, bp, h, u, 2 * F);  // h = g * u
         s.w_out.times(n, h, F, delta, a16.data());
         for (int64_t q = 0; q < n; ++q) {
@@ -569,17 +571,19 @@ struct BackwardTasks {
     const Padded pl(s.band_rows(), W, F);
     const int64_t N = pl.H * W, L = N + 2 * W;  // cells of the largest band, local cells
     const int64_t pad = pl.size();
-    // Per ring slot, over the local cells: u [L, F], vn [padded], dgelu [L, 2F] (gelu' of the
-    // pre-activations), vhat [L, F] and rstd [L] (the gate LayerNorm's), d_delta [L, C],
-    // dh [L, F], dg [padded].
-    const int64_t u_at = 0, vn_at = L * F, dgelu_at = vn_at + pad, vhat_at = dgelu_at + L * 2 * F;
+    // Per plane, in a ring of three: vn and dg [padded]; in a ring of two, over the local cells:
+    // u [L, F], dgelu [L, 2F] (gelu' of the pre-activations), vhat [L, F] and rstd [L] (the gate
+    // LayerNorm's), d_delta [L, C], dh [L, F].
+    const int64_t vn_at = 0, dg_at = pad, nbr_slot = 2 * pad;
+    const int64_t u_at = 0, dgelu_at = L * F, vhat_at = dgelu_at + L * 2 * F;
     const int64_t rstd_at = vhat_at + L * F, dd_at = rstd_at + L, dh_at = dd_at + L * C;
-    const int64_t dg_at = dh_at + L * F, slot = dg_at + pad;
-    std::vector<acc_t> mem(static_cast<size_t>(3 * slot + pad + N * (3 * F + 3 * C) +
-                                               L * (3 * F + C) + N + kLanes * F + C +
-                                               2 * kLanes * C));
-    acc_t* ring = mem.data();
-    acc_t* zeros = ring + 3 * slot;  // a padded band of zeros: a d-plane the boundary leaves out
+    const int64_t own_slot = dh_at + L * F;
+    std::vector<acc_t> mem(static_cast<size_t>(3 * nbr_slot + 2 * own_slot + pad +
+                                               N * (3 * F + 3 * C) + L * (3 * F + C) + N +
+                                               kLanes * F + C + 2 * kLanes * C));
+    acc_t* nbr_ring = mem.data();
+    acc_t* own_ring = nbr_ring + 3 * nbr_slot;
+    acc_t* zeros = own_ring + 2 * own_slot;  // a padded band of zeros: a plane beyond the boundary
     acc_t* h = zeros + pad;      // [N, F]
     acc_t* h_t = h + N * F;      // [F, N]
     acc_t* du = h_t + N * F;     // [N, F]: g, then du
@@ -609,9 +613,10 @@ struct BackwardTasks {
       for (int64_t e = d0 - 1; e <= d1; ++e) {
         const int64_t pe = s.plane(e);
         if (pe >= 0 && s.feeds(b, e, d0, d1)) {  // stage A, on the projected local cells
-          acc_t* sl = ring_slot(ring, slot, e, d0);
-          acc_t *u = sl + u_at, *vn = sl + vn_at, *d_delta = sl + dd_at, *dh = sl + dh_at;
-          acc_t* dg = sl + dg_at;
+          acc_t* sl = ring_slot<2>(own_ring, own_slot, e, d0);
+          acc_t* nb = ring_slot<3>(nbr_ring, nbr_slot, e, d0);
+          acc_t *u = sl + u_at, *vn = nb + vn_at, *d_delta = sl + dd_at, *dh = sl + dh_at;
+          acc_t* dg = nb + dg_at;
           s.project(b, pe, band, y, dz, buf, a16.data());
           for (int64_t l = l0; l < l1; l += kLanes)
             rows::gate_input_saving_rows(dz + l * 2 * F, std::min(kLanes, l1 - l), s.p[kBIn],
@@ -648,14 +653,15 @@ struct BackwardTasks {
           std::fill(o, o + n * C, acc_t(0));
           continue;
         }
-        acc_t* sl = ring_slot(ring, slot, d, d0);
+        const acc_t* sl = ring_slot<2>(own_ring, own_slot, d, d0);
         const acc_t *u = sl + u_at + W * F, *d_delta = sl + dd_at + W * C;
-        const acc_t *dh = sl + dh_at + W * F, *dg = sl + dg_at;
+        const acc_t *dh = sl + dh_at + W * F, *dg = ring_slot<3>(nbr_ring, nbr_slot, d, d0) + dg_at;
         const acc_t *dgelu = sl + dgelu_at + W * 2 * F, *vhat = sl + vhat_at + W * F;
         const acc_t* ln2_rstd = sl + rstd_at + W;
         acc_t *vn_planes[3], *dg_planes[3];
         for (int i = 0; i < 3; ++i) {
-          acc_t* si = s.plane(d - 1 + i) < 0 ? nullptr : ring_slot(ring, slot, d - 1 + i, d0);
+          acc_t* si =
+              s.plane(d - 1 + i) < 0 ? nullptr : ring_slot<3>(nbr_ring, nbr_slot, d - 1 + i, d0);
           vn_planes[i] = si == nullptr ? nullptr : si + vn_at;
           dg_planes[i] = si == nullptr ? nullptr : si + dg_at;
         }
