@@ -8,9 +8,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# cube-train and cube-grow, run in this process by the tests, would otherwise switch off glibc's
-# returning of freed memory (cube_trainer.heap) for the rest of the test run; its own tests run
-# it in a process of their own.
+# cube-train, cube-grow and the search's trials, run in this process by the tests, would otherwise
+# switch off glibc's returning of freed memory (cube_trainer.heap) for the rest of the test run;
+# its own tests run it in a process of their own.
 os.environ.setdefault("CUBE_KEEP_FREED_MEMORY", "0")
 
 

@@ -445,8 +445,8 @@ GLIBC = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
     ({}, True), ({"CUBE_KEEP_FREED_MEMORY": "0"}, False), ({"MALLOC_TRIM_THRESHOLD_": "131072"}, False),
     ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=131072"}, False)])
 def test_the_trainer_keeps_freed_memory_unless_told_not_to(setting, kept):
-    """keep_freed_memory (cube-train and cube-grow call it) makes glibc keep a freed 64 MB tensor
-    in the heap, where by default it is unmapped at once (blocks over 32 MB are always mapped
+    """keep_freed_memory (the training commands call it) makes glibc keep a freed 64 MB tensor in
+    the heap, where by default it is unmapped at once (blocks over 32 MB are always mapped
     afresh); the opt-out and a user's own malloc settings leave glibc as it was."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("CUBE_KEEP_FREED_MEMORY", "GLIBC_TUNABLES") and not k.startswith("MALLOC_")}
