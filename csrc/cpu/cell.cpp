@@ -495,7 +495,7 @@ struct ForwardTasks {
     std::vector<acc_t> mem(static_cast<size_t>(4 * pad + 2 * zs + L * C + N * C + N * F + C));
     acc_t* vn_ring = mem.data();       // three slots
     acc_t* z_ring = vn_ring + 3 * pad;  // two slots
-    acc_t* zeros = z_ring + 2 * zs;    // a padded band of zeros: a d-plane the boundary leaves out
+    acc_t* zeros = z_ring + 2 * zs;    // a padded band of zeros: a plane beyond the boundary
     acc_t* y = zeros + pad;           // [L, C]
     acc_t* delta = y + L * C;         // [N, C]
     acc_t* h = delta + N * C;         // [N, F]

@@ -400,9 +400,11 @@ std::vector<at::Tensor> rollout_backward_cpu(
   const int64_t first = steps - grad_in.size(0);
   at::Tensor g = grad_in.select(0, grad_in.size(0) - 1).to(acc, false, /*copy=*/true).contiguous();
   at::Tensor dx = at::empty_like(g);
+  // A low-precision state is widened into one buffer for all steps, as the gradients above.
+  const at::Tensor widened = x_in.scalar_type() == acc ? at::Tensor() : at::empty_like(g);
   for (int64_t t = steps - 1; t >= 0; --t) {
     const at::Tensor prev = t == 0 ? x_in : outs.select(0, t - 1);
-    const at::Tensor x = prev.to(acc).contiguous();
+    const at::Tensor x = widened.defined() ? widened.copy_(prev) : prev.contiguous();
     if (masking) g.mul_(keeps->select(0, t).unsqueeze(-1));
     std::vector<uint8_t> live;
     if (skipping)
