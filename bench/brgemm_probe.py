@@ -6,8 +6,9 @@ of rows at a time (as a fused cell would call them) against one whole-lattice ``
 
 It compiles a small extension first (torch.utils.cpp_extension, a C++ compiler needed). One
 thread, CPU time of this thread (``time.thread_time``): other processes' load does not enter it.
-``cpublas::could_pack`` says whether ATen packs B for oneDNN in this dtype (bf16: on AMX). In bf16
-without it, B goes in as VNNI pairs ([K/2][N][2], what the fused cell passes on AVX512-BF16).
+``cpublas::could_pack`` says whether ATen packs B for oneDNN in this dtype (bf16: on AMX). bf16
+runs B in the fused cell's layout, blocks of at most 64 columns in VNNI pairs: packed by ATen
+where it packs, laid out here where it does not (AVX512-BF16).
 """
 from __future__ import annotations
 
@@ -23,20 +24,32 @@ SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/native/CPUBlas.h>
 
-// C[M, N] = A[M, K] @ B[K, N], `tile` rows per call.
+// C[M, N] = A[M, K] @ B[K, N], `tile` rows per call. bf16 runs one call per block of at most 64
+// columns of B, as the fused cell does (csrc/cpu/cell.cpp, kBlockN): B comes in VNNI pairs per
+// block ([K/2][ldb][2], ldb the block's width rounded up to 16, block j at j * 64 * K), or plain
+// and packed here into that layout by ATen's `pack` where it packs (AMX).
 template <typename T>
 void tiles_brgemm(at::Tensor A, at::Tensor B, at::Tensor C, int64_t tile, at::Tensor packed) {
-  const int64_t M = A.size(0), K = A.size(1), N = B.size(1);
+  const int64_t M = A.size(0), K = A.size(1), N = C.size(1);
+  const bool vnni = A.scalar_type() != at::kFloat;
+  const int64_t block = vnni ? 64 : N;
+  const auto ldb = [&](int64_t nb) { return vnni ? (nb + 15) / 16 * 16 : N; };
   const T* b = B.data_ptr<T>();
   if (packed.defined() && packed.numel() > 0) {
-    at::native::cpublas::pack(K, N, N, N, A.scalar_type(), A.scalar_type(), b, packed.data_ptr<T>());
+    for (int64_t n0 = 0; n0 < N; n0 += block) {
+      const int64_t nb = std::min(block, N - n0);
+      at::native::cpublas::pack(K, nb, N, ldb(nb), A.scalar_type(), A.scalar_type(), b + n0,
+                                packed.data_ptr<T>() + n0 * K);
+    }
     b = packed.data_ptr<T>();
   }
-  const bool vnni = A.scalar_type() != at::kFloat;
   for (int64_t r = 0; r < M; r += tile) {
     const int64_t m = std::min(tile, M - r);
-    at::native::cpublas::brgemm(m, N, K, K, N, N, false, A.data_ptr<T>() + r * K, b,
-                                C.data_ptr<float>() + r * N, vnni);
+    for (int64_t n0 = 0; n0 < N; n0 += block) {
+      const int64_t nb = std::min(block, N - n0);
+      at::native::cpublas::brgemm(m, nb, K, K, ldb(nb), N, false, A.data_ptr<T>() + r * K,
+                                  b + n0 * K, C.data_ptr<float>() + r * N + n0, vnni);
+    }
   }
   at::native::cpublas::brgemm_release(vnni);
 }
@@ -78,13 +91,14 @@ def main(argv=None) -> int:
     for name, (m, k, n) in shapes.items():
         a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
         want = a.float() @ b.float()
-        b_in = b  # bf16 without ATen's packing: VNNI pairs
+        b_in = b  # bf16 without ATen's packing: VNNI pairs per block of 64 columns
         if dtype == torch.bfloat16 and not packs:
-            b_in = b.view(k // 2, 2, n).transpose(1, 2).contiguous()
+            b_in = torch.cat([blk.view(k // 2, 2, -1).transpose(1, 2).flatten()
+                              for blk in torch.nn.functional.pad(b, (0, -n % 16)).split(64, 1)])
         work = flops.matmul(m, k, n)
         row = {"torch.mm whole": work / cpu_ms(lambda: torch.mm(a, b), 10) / 1e6}
         out = torch.empty(m, n)
-        packed = torch.empty(k * n, dtype=dtype) if packs else torch.empty(0, dtype=dtype)
+        packed = torch.empty(k * (n + -n % 16), dtype=dtype) if packs else torch.empty(0, dtype=dtype)
         for tile in (int(t) for t in args.tiles.split(",")):
             try:
                 ext.brgemm(a, b_in, out, tile, packed)

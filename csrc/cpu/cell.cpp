@@ -33,6 +33,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <type_traits>
 #include <vector>
@@ -61,11 +62,25 @@ CUBE_ALWAYS_INLINE void gemm(int64_t M, int64_t N, int64_t K, const float* A, in
   at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, A, B, C, /*is_vnni=*/false);
 }
 
-// The same on the bf16 micro-kernel: A and B in bf16, B in VNNI pairs ([K/2][N][2], K even),
-// the sums in fp32.
+// The bf16 micro-kernel's B: N cut into blocks of at most kBlockN columns, each block in VNNI
+// pairs [K/2][ldb][2] (K even), ldb its width rounded up to 16 with zeros in the padding, block
+// j at j * kBlockN * K. AVX512-BF16 would take one block of any width; AMX takes only what
+// oneDNN's packing of B writes, whose leading dimension is 16, 32, 48 or 64. This is that
+// layout, which bf16_brgemm_runs checks against ATen's `pack` where the CPU has one.
+constexpr int64_t kBlockN = 64;
+CUBE_ALWAYS_INLINE int64_t block_ldb(int64_t nb) { return (nb + 15) / 16 * 16; }
+// The values a [K, N] B takes in that layout.
+CUBE_ALWAYS_INLINE int64_t packed_size(int64_t K, int64_t N) { return K * block_ldb(N); }
+
+// C[M, N] = A[M, K] @ B (+ C with `add`) on the bf16 micro-kernel, A and B in bf16 (B packed as
+// above), the sums in fp32: one call per block of B.
 CUBE_ALWAYS_INLINE void gemm(int64_t M, int64_t N, int64_t K, const at::BFloat16* A, int64_t lda,
                              const at::BFloat16* B, float* C, int64_t ldc, bool add) {
-  at::native::cpublas::brgemm(M, N, K, lda, N, ldc, add, A, B, C, /*is_vnni=*/true);
+  for (int64_t n0 = 0; n0 < N; n0 += kBlockN) {
+    const int64_t nb = std::min(kBlockN, N - n0);
+    at::native::cpublas::brgemm(M, nb, K, lda, block_ldb(nb), ldc, add, A, B + n0 * K, C + n0,
+                                /*is_vnni=*/true);
+  }
 }
 
 // float64 (gradcheck) has no micro-kernel and ATen exports no BLAS call for it: a plain loop.
@@ -139,18 +154,24 @@ CUBE_ALWAYS_INLINE void round_to_bf16(const float* __restrict__ src, int64_t n,
   for (int64_t i = 0; i < n; ++i) dst[i] = at::BFloat16(src[i]);
 }
 
-// Two rows a, b of n values as one row of VNNI pairs, rounded to bf16: dst[2j] = a[j],
-// dst[2j + 1] = b[j] (b nullptr: zeros).
+// Rows 2q, 2q + 1 of a B [K, N] (a, b; b nullptr: zeros) rounded to bf16 into pair row q of
+// each block of its packed layout (`dst`, the layout's start).
 CUBE_ALWAYS_INLINE void pair_to_bf16(const float* __restrict__ a, const float* __restrict__ b,
-                                     int64_t n, at::BFloat16* __restrict__ dst) {
-  for (int64_t j = 0; j < n; ++j) {
-    dst[2 * j] = at::BFloat16(a[j]);
-    dst[2 * j + 1] = at::BFloat16(b == nullptr ? 0.0f : b[j]);
+                                     int64_t N, int64_t K, int64_t q,
+                                     at::BFloat16* __restrict__ dst) {
+  for (int64_t n0 = 0; n0 < N; n0 += kBlockN) {
+    const int64_t nb = std::min(kBlockN, N - n0), ldb = block_ldb(nb);
+    at::BFloat16* __restrict__ row = dst + n0 * K + 2 * q * ldb;
+    for (int64_t j = 0; j < nb; ++j) {
+      row[2 * j] = at::BFloat16(a[n0 + j]);
+      row[2 * j + 1] = at::BFloat16(b == nullptr ? 0.0f : b[n0 + j]);
+    }
+    std::fill(row + 2 * nb, row + 2 * ldb, at::BFloat16(0.0f));
   }
 }
 
 // A weight [K, N] as the B operand of the GEMMs that multiply activations by it, and, where the
-// step runs them on the bf16 micro-kernel, its bf16 copy in VNNI pairs (vnni_bf16).
+// step runs them on the bf16 micro-kernel, its bf16 copy packed for it (packed_bf16).
 template <typename acc_t>
 struct Weight {
   const acc_t* w = nullptr;
@@ -171,10 +192,16 @@ struct Weight {
   }
 };
 
-// w [K, N] (K even) rounded to bf16, in the micro-kernel's VNNI pairs: [K/2][N][2].
-at::Tensor vnni_bf16(const at::Tensor& w) {
+// w [K, N] (K even) rounded to bf16, packed for the micro-kernel.
+at::Tensor packed_bf16(const at::Tensor& w) {
   const int64_t K = w.size(0), N = w.size(1);
-  return w.to(at::kBFloat16).view({K / 2, 2, N}).transpose(1, 2).contiguous();
+  const at::Tensor w32 = w.to(at::kFloat).contiguous();
+  const float* src = w32.const_data_ptr<float>();
+  at::Tensor out = at::empty({packed_size(K, N)}, w.options().dtype(at::kBFloat16));
+  at::BFloat16* dst = out.mutable_data_ptr<at::BFloat16>();
+  for (int64_t q = 0; q < K / 2; ++q)
+    pair_to_bf16(src + 2 * q * N, src + (2 * q + 1) * N, N, K, q, dst);
+  return out;
 }
 
 // The gather reads vn (forward) and dg (backward's transposed stencil) from band buffers padded
@@ -351,8 +378,8 @@ CUBE_ALWAYS_INLINE void correlate(const acc_t* const* src, const int64_t* off, c
 #pragma GCC diagnostic pop
 
 // dw[M, N] += a^T b over n rows, a [n, M] and b [n, N] contiguous, a_t [M, n] scratch. With
-// `bf16`, on the bf16 micro-kernel: a^T and b rounded to bf16 into a16 and b16 (each at most
-// (n + 1) x max(M, N) values), b in VNNI pairs, an odd n padded with a row of zeros.
+// `bf16`, on the bf16 micro-kernel: a^T and b rounded to bf16 into a16 ((n + 1) x M values at
+// most) and b16 (packed, packed_size(n + 1, N) at most), an odd n padded with a row of zeros.
 template <typename acc_t>
 CUBE_ALWAYS_INLINE void add_at_b(int64_t n, int64_t M, int64_t N, const acc_t* a, const acc_t* b,
                                  acc_t* dw, acc_t* a_t, bool bf16, at::BFloat16* a16,
@@ -366,7 +393,7 @@ CUBE_ALWAYS_INLINE void add_at_b(int64_t n, int64_t M, int64_t N, const acc_t* a
         if (K > n) a16[m * K + n] = at::BFloat16(0.0f);
       }
       for (int64_t q = 0; q < n; q += 2)
-        pair_to_bf16(b + q * N, q + 1 < n ? b + (q + 1) * N : nullptr, N, b16 + q * N);
+        pair_to_bf16(b + q * N, q + 1 < n ? b + (q + 1) * N : nullptr, N, K, q / 2, b16);
       return gemm(M, N, K, a16, K, b16, dw, N, true);
     }
   }
@@ -599,7 +626,8 @@ struct BackwardTasks {
     acc_t* ln = buf + C;             // [kLanes, C]
     acc_t* dxq = ln + kLanes * C;    // [kLanes, C]
     // bf16 copies of GEMM operands: Weight::times's and add_at_b's
-    std::vector<at::BFloat16> a16(static_cast<size_t>(s.bf16() ? 2 * L * std::max(C, 2 * F) : 0));
+    std::vector<at::BFloat16> a16(
+        static_cast<size_t>(s.bf16() ? 2 * packed_size(L, std::max(C, 2 * F)) : 0));
     at::BFloat16* b16 = a16.data() + a16.size() / 2;
     for (int64_t task = begin; task < end; ++task) {
       int64_t b, d0, d1;
@@ -753,23 +781,49 @@ Step<scalar_t> make_step(const at::Tensor& x, const CellParams& p, const CellWei
   return s;
 }
 
-// Whether oneDNN's bf16 brgemm runs here: a CPU with AVX512-BF16 may have oneDNN capped below it
-// (ONEDNN_MAX_CPU_ISA), and then the call throws. One product of small integers, so exact.
+// Whether oneDNN's bf16 brgemm runs here on B packed as `gemm` takes it. A CPU with AVX512-BF16
+// may have oneDNN capped below it (ONEDNN_MAX_CPU_ISA), and then the call throws. Where ATen
+// packs B itself (AMX), its `pack` must write this layout, and nothing past K rows of it. Small
+// integers, so every sum is exact: two blocks of B, the second padded, and K past one AMX tile
+// (32 rows) with a tail. NaNs after A and B would show in C if the kernel read beyond them.
 bool bf16_brgemm_runs() {
-  constexpr int64_t N = 16;
-  const at::BFloat16 a[2] = {1.0f, 2.0f};
-  at::BFloat16 b[2 * N];  // B [2, N] in VNNI pairs: B[0][j] = j, B[1][j] = 3
-  float c[N];
-  for (int64_t j = 0; j < N; ++j) b[2 * j] = static_cast<float>(j), b[2 * j + 1] = 3.0f;
+  constexpr int64_t M = 3, K = 38, N = 72, kSlack = 32 * kBlockN;
+  const at::BFloat16 nan(std::numeric_limits<float>::quiet_NaN());
+  std::vector<float> a(M * K), b(K * N), expected(M * N, 0.0f), c(M * N);
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t k = 0; k < K; ++k) a[i * K + k] = static_cast<float>((i + k) % 5 - 2);
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t j = 0; j < N; ++j) b[k * N + j] = static_cast<float>((3 * k + j) % 7 - 3);
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t j = 0; j < N; ++j) expected[i * N + j] += a[i * K + k] * b[k * N + j];
+  std::vector<at::BFloat16> a16(M * K + kSlack, nan), b16(packed_size(K, N) + kSlack, nan);
+  round_to_bf16(a.data(), M * K, a16.data());
+  for (int64_t q = 0; q < K / 2; ++q)
+    pair_to_bf16(&b[2 * q * N], &b[(2 * q + 1) * N], N, K, q, b16.data());
   try {
-    gemm(1, N, 2, a, 2, b, c, N, false);
+    if (at::native::cpublas::could_pack(at::kBFloat16)) {
+      std::vector<at::BFloat16> plain(K * N);
+      round_to_bf16(b.data(), K * N, plain.data());
+      for (int64_t n0 = 0; n0 < N; n0 += kBlockN) {
+        const int64_t nb = std::min(kBlockN, N - n0), ldb = block_ldb(nb);
+        std::vector<at::BFloat16> packed(K * ldb + kSlack, nan);
+        at::native::cpublas::pack(K, nb, N, ldb, at::kBFloat16, at::kBFloat16, &plain[n0],
+                                  packed.data());
+        for (int64_t i = 0; i < K * ldb; ++i) {
+          const bool column = i % (2 * ldb) < 2 * nb;  // not the padding
+          if (column && packed[i].x != b16[n0 * K + i].x) return false;
+        }
+        for (int64_t i = K * ldb; i < K * ldb + kSlack; ++i)
+          if (packed[i].x != nan.x) return false;
+      }
+    }
+    gemm(M, N, K, a16.data(), K, b16.data(), c.data(), N, false);
     at::native::cpublas::brgemm_release();
   } catch (const std::exception&) {
     return false;
   }
-  for (int64_t j = 0; j < N; ++j)
-    if (c[j] != static_cast<float>(j + 6)) return false;
-  return true;
+  return c == expected;
 }
 
 }  // namespace
@@ -783,7 +837,7 @@ bool bf16_micro_kernel() {
       const auto it = caps.find(name);
       return it != caps.end() && it->second.isBool() && it->second.toBool();
     };
-    return has("avx512_bf16") && !has("amx_bf16") && bf16_brgemm_runs();
+    return has("avx512_bf16") && bf16_brgemm_runs();
   }();
   return here;
 }
@@ -799,8 +853,8 @@ CellWeights cell_weights(const CellParams& p, const CellConfig& cfg) {
   // which the rollout keeps in fp32; rounding it here took the worst weight gradient's error
   // from 7.3e-3 to 1.1e-2 at the bench's default config (docs/performance.md "bf16").
   if (cfg.bf16_gemm) {
-    w.w_in16 = vnni_bf16(p[kWIn]), w.w_out16 = vnni_bf16(p[kWOut]);
-    w.w_in_t16 = vnni_bf16(w.w_in_t);
+    w.w_in16 = packed_bf16(p[kWIn]), w.w_out16 = packed_bf16(p[kWOut]);
+    w.w_in_t16 = packed_bf16(w.w_in_t);
   }
   return w;
 }

@@ -22,12 +22,13 @@ struct CellConfig {
 // Whether a rollout of `dtype` states with C channels and hidden width F runs the cell's GEMMs
 // (the projections, their recompute and their gradients, all but dh) on oneDNN's bf16
 // micro-kernel: bf16 states, C and F even (the kernel reads K in pairs), and a CPU with
-// AVX512-BF16. Their inputs are then rounded to bf16, as autocast rounds a linear layer's; they
-// still accumulate in fp32.
+// AVX512-BF16 (AMX included). Their inputs are then rounded to bf16, as autocast rounds a linear
+// layer's; they still accumulate in fp32.
 bool bf16_gemm_for(at::ScalarType dtype, int64_t C, int64_t F);
 
-// Whether this CPU runs the bf16 micro-kernel: AVX512-BF16 without AMX, oneDNN's bf16 brgemm
-// not capped below it (ONEDNN_MAX_CPU_ISA), mkldnn enabled, and not CUBE_CPU_ISA=baseline.
+// Whether this CPU runs the bf16 micro-kernel: AVX512-BF16 (AMX included), oneDNN's bf16 brgemm
+// not capped below it (ONEDNN_MAX_CPU_ISA) and, where ATen packs B for it, packing it as the cell
+// does (a first-use probe, cpu/cell.cpp), mkldnn enabled, and not CUBE_CPU_ISA=baseline.
 bool bf16_micro_kernel();
 
 // The plane that the unwrapped d-index e stands for, or -1 beyond a zero boundary.
@@ -45,10 +46,10 @@ using CellParams = std::vector<at::Tensor>;
 
 // The weights as the cell's GEMMs read them, prepared once per rollout rather than per step:
 // the backward's transposes and, with cfg.bf16_gemm, the bf16 copies in the micro-kernel's
-// VNNI pairs (undefined without it; w_out^T has none: dh stays fp32, cpu/cell.cpp).
+// packed layout (undefined without it; w_out^T has none: dh stays fp32, cpu/cell.cpp).
 struct CellWeights {
   at::Tensor w_in_t, w_out_t;            // w_in^T [2F, C], w_out^T [C, F]
-  at::Tensor w_in16, w_out16, w_in_t16;  // [K/2][N][2] for each [K, N]
+  at::Tensor w_in16, w_out16, w_in_t16;  // cpu/cell.cpp's packed_bf16 of each [K, N]
 };
 
 CellWeights cell_weights(const CellParams& p, const CellConfig& cfg);
