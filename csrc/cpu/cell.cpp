@@ -783,9 +783,10 @@ Step<scalar_t> make_step(const at::Tensor& x, const CellParams& p, const CellWei
 
 // Whether oneDNN's bf16 brgemm runs here on B packed as `gemm` takes it. A CPU with AVX512-BF16
 // may have oneDNN capped below it (ONEDNN_MAX_CPU_ISA), and then the call throws. Where ATen
-// packs B itself (AMX), its `pack` must write this layout, and nothing past K rows of it. Small
-// integers, so every sum is exact: two blocks of B, the second padded, and K past one AMX tile
-// (32 rows) with a tail. NaNs after A and B would show in C if the kernel read beyond them.
+// packs B itself (AMX), its `pack` must write this layout, padding included, and nothing past K
+// rows of it. Small integers, so every sum is exact: two blocks of B, the second padded, and K
+// past one AMX tile (32 rows) with a tail. NaNs after A and B would show in C if the kernel read
+// beyond them.
 bool bf16_brgemm_runs() {
   constexpr int64_t M = 3, K = 38, N = 72, kSlack = 32 * kBlockN;
   const at::BFloat16 nan(std::numeric_limits<float>::quiet_NaN());
@@ -803,17 +804,18 @@ bool bf16_brgemm_runs() {
     pair_to_bf16(&b[2 * q * N], &b[(2 * q + 1) * N], N, K, q, b16.data());
   try {
     if (at::native::cpublas::could_pack(at::kBFloat16)) {
-      std::vector<at::BFloat16> plain(K * N);
-      round_to_bf16(b.data(), K * N, plain.data());
       for (int64_t n0 = 0; n0 < N; n0 += kBlockN) {
+        // `pack` takes only an input leading dimension equal to its N: the block alone, [K, ldb]
+        // with zeros in the padding columns.
         const int64_t nb = std::min(kBlockN, N - n0), ldb = block_ldb(nb);
+        std::vector<at::BFloat16> plain(K * ldb, at::BFloat16(0.0f));
         std::vector<at::BFloat16> packed(K * ldb + kSlack, nan);
-        at::native::cpublas::pack(K, nb, N, ldb, at::kBFloat16, at::kBFloat16, &plain[n0],
+        for (int64_t k = 0; k < K; ++k) round_to_bf16(&b[k * N + n0], nb, &plain[k * ldb]);
+        at::native::cpublas::pack(K, ldb, ldb, ldb, at::kBFloat16, at::kBFloat16, plain.data(),
                                   packed.data());
-        for (int64_t i = 0; i < K * ldb; ++i) {
-          const bool column = i % (2 * ldb) < 2 * nb;  // not the padding
-          if (column && packed[i].x != b16[n0 * K + i].x) return false;
-        }
+        if (!std::equal(packed.begin(), packed.begin() + K * ldb, b16.begin() + n0 * K,
+                        [](at::BFloat16 p, at::BFloat16 q) { return p.x == q.x; }))
+          return false;
         for (int64_t i = K * ldb; i < K * ldb + kSlack; ++i)
           if (packed[i].x != nan.x) return false;
       }
