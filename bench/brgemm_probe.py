@@ -26,8 +26,9 @@ SOURCE = r"""
 
 // C[M, N] = A[M, K] @ B[K, N], `tile` rows per call. bf16 runs one call per block of at most 64
 // columns of B, as the fused cell does (csrc/cpu/cell.cpp, kBlockN): B comes in VNNI pairs per
-// block ([K/2][ldb][2], ldb the block's width rounded up to 16, block j at j * 64 * K), or plain
-// and packed here into that layout by ATen's `pack` where it packs (AMX).
+// block ([K/2][ldb][2], ldb the block's width rounded up to 16, block j at j * 64 * K), or, where
+// ATen packs (AMX), as plain zero-padded blocks ([K][ldb]) that its `pack` turns into that layout
+// (it takes only an input leading dimension equal to its N).
 template <typename T>
 void tiles_brgemm(at::Tensor A, at::Tensor B, at::Tensor C, int64_t tile, at::Tensor packed) {
   const int64_t M = A.size(0), K = A.size(1), N = C.size(1);
@@ -38,8 +39,8 @@ void tiles_brgemm(at::Tensor A, at::Tensor B, at::Tensor C, int64_t tile, at::Te
   if (packed.defined() && packed.numel() > 0) {
     for (int64_t n0 = 0; n0 < N; n0 += block) {
       const int64_t nb = std::min(block, N - n0);
-      at::native::cpublas::pack(K, nb, N, ldb(nb), A.scalar_type(), A.scalar_type(), b + n0,
-                                packed.data_ptr<T>() + n0 * K);
+      at::native::cpublas::pack(K, ldb(nb), ldb(nb), ldb(nb), A.scalar_type(), A.scalar_type(),
+                                b + n0 * K, packed.data_ptr<T>() + n0 * K);
     }
     b = packed.data_ptr<T>();
   }
@@ -91,10 +92,11 @@ def main(argv=None) -> int:
     for name, (m, k, n) in shapes.items():
         a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
         want = a.float() @ b.float()
-        b_in = b  # bf16 without ATen's packing: VNNI pairs per block of 64 columns
-        if dtype == torch.bfloat16 and not packs:
-            b_in = torch.cat([blk.view(k // 2, 2, -1).transpose(1, 2).flatten()
-                              for blk in torch.nn.functional.pad(b, (0, -n % 16)).split(64, 1)])
+        b_in = b
+        if dtype == torch.bfloat16:  # blocks of 64 columns, plain for ATen's pack or VNNI pairs
+            blocks = torch.nn.functional.pad(b, (0, -n % 16)).split(64, 1)
+            vnni = (blk.view(k // 2, 2, -1).transpose(1, 2) for blk in blocks)
+            b_in = torch.cat([blk.flatten() for blk in (blocks if packs else vnni)])
         work = flops.matmul(m, k, n)
         row = {"torch.mm whole": work / cpu_ms(lambda: torch.mm(a, b), 10) / 1e6}
         out = torch.empty(m, n)
