@@ -71,16 +71,23 @@ constexpr int64_t kBlockN = 64;
 CUBE_ALWAYS_INLINE int64_t block_ldb(int64_t nb) { return (nb + 15) / 16 * 16; }
 // The values a [K, N] B takes in that layout.
 CUBE_ALWAYS_INLINE int64_t packed_size(int64_t K, int64_t N) { return K * block_ldb(N); }
+// fn(n0, nb, ldb) for each block of N columns: its first column, width and leading dimension.
+template <typename Fn>
+CUBE_ALWAYS_INLINE void for_each_block(int64_t N, const Fn& fn) {
+  for (int64_t n0 = 0; n0 < N; n0 += kBlockN) {
+    const int64_t nb = std::min(kBlockN, N - n0);
+    fn(n0, nb, block_ldb(nb));
+  }
+}
 
 // C[M, N] = A[M, K] @ B (+ C with `add`) on the bf16 micro-kernel, A and B in bf16 (B packed as
 // above), the sums in fp32: one call per block of B.
 CUBE_ALWAYS_INLINE void gemm(int64_t M, int64_t N, int64_t K, const at::BFloat16* A, int64_t lda,
                              const at::BFloat16* B, float* C, int64_t ldc, bool add) {
-  for (int64_t n0 = 0; n0 < N; n0 += kBlockN) {
-    const int64_t nb = std::min(kBlockN, N - n0);
-    at::native::cpublas::brgemm(M, nb, K, lda, block_ldb(nb), ldc, add, A, B + n0 * K, C + n0,
+  for_each_block(N, [&](int64_t n0, int64_t nb, int64_t ldb) {
+    at::native::cpublas::brgemm(M, nb, K, lda, ldb, ldc, add, A, B + n0 * K, C + n0,
                                 /*is_vnni=*/true);
-  }
+  });
 }
 
 // float64 (gradcheck) has no micro-kernel and ATen exports no BLAS call for it: a plain loop.
@@ -159,15 +166,14 @@ CUBE_ALWAYS_INLINE void round_to_bf16(const float* __restrict__ src, int64_t n,
 CUBE_ALWAYS_INLINE void pair_to_bf16(const float* __restrict__ a, const float* __restrict__ b,
                                      int64_t N, int64_t K, int64_t q,
                                      at::BFloat16* __restrict__ dst) {
-  for (int64_t n0 = 0; n0 < N; n0 += kBlockN) {
-    const int64_t nb = std::min(kBlockN, N - n0), ldb = block_ldb(nb);
+  for_each_block(N, [&](int64_t n0, int64_t nb, int64_t ldb) {
     at::BFloat16* __restrict__ row = dst + n0 * K + 2 * q * ldb;
     for (int64_t j = 0; j < nb; ++j) {
       row[2 * j] = at::BFloat16(a[n0 + j]);
       row[2 * j + 1] = at::BFloat16(b == nullptr ? 0.0f : b[n0 + j]);
     }
     std::fill(row + 2 * nb, row + 2 * ldb, at::BFloat16(0.0f));
-  }
+  });
 }
 
 // A weight [K, N] as the B operand of the GEMMs that multiply activations by it, and, where the
@@ -195,8 +201,8 @@ struct Weight {
 // w [K, N] (K even) rounded to bf16, packed for the micro-kernel.
 at::Tensor packed_bf16(const at::Tensor& w) {
   const int64_t K = w.size(0), N = w.size(1);
-  const at::Tensor w32 = w.to(at::kFloat).contiguous();
-  const float* src = w32.const_data_ptr<float>();
+  const at::Tensor wc = w.contiguous();  // fp32: bf16 states compute in fp32
+  const float* src = wc.const_data_ptr<float>();
   at::Tensor out = at::empty({packed_size(K, N)}, w.options().dtype(at::kBFloat16));
   at::BFloat16* dst = out.mutable_data_ptr<at::BFloat16>();
   for (int64_t q = 0; q < K / 2; ++q)
@@ -803,23 +809,23 @@ bool bf16_brgemm_runs() {
   for (int64_t q = 0; q < K / 2; ++q)
     pair_to_bf16(&b[2 * q * N], &b[(2 * q + 1) * N], N, K, q, b16.data());
   try {
+    bool packs_alike = true;
     if (at::native::cpublas::could_pack(at::kBFloat16)) {
-      for (int64_t n0 = 0; n0 < N; n0 += kBlockN) {
+      for_each_block(N, [&](int64_t n0, int64_t nb, int64_t ldb) {
         // `pack` takes only an input leading dimension equal to its N: the block alone, [K, ldb]
         // with zeros in the padding columns.
-        const int64_t nb = std::min(kBlockN, N - n0), ldb = block_ldb(nb);
         std::vector<at::BFloat16> plain(K * ldb, at::BFloat16(0.0f));
         std::vector<at::BFloat16> packed(K * ldb + kSlack, nan);
         for (int64_t k = 0; k < K; ++k) round_to_bf16(&b[k * N + n0], nb, &plain[k * ldb]);
         at::native::cpublas::pack(K, ldb, ldb, ldb, at::kBFloat16, at::kBFloat16, plain.data(),
                                   packed.data());
-        if (!std::equal(packed.begin(), packed.begin() + K * ldb, b16.begin() + n0 * K,
-                        [](at::BFloat16 p, at::BFloat16 q) { return p.x == q.x; }))
-          return false;
-        for (int64_t i = K * ldb; i < K * ldb + kSlack; ++i)
-          if (packed[i].x != nan.x) return false;
-      }
+        const auto same = [](at::BFloat16 p, at::BFloat16 q) { return p.x == q.x; };
+        const auto end = packed.begin() + K * ldb;  // past it: untouched, still NaN
+        packs_alike = packs_alike && std::equal(packed.begin(), end, b16.begin() + n0 * K, same) &&
+                      std::all_of(end, packed.end(), [&](at::BFloat16 p) { return same(p, nan); });
+      });
     }
+    if (!packs_alike) return false;
     gemm(M, N, K, a16.data(), K, b16.data(), c.data(), N, false);
     at::native::cpublas::brgemm_release();
   } catch (const std::exception&) {
